@@ -1,0 +1,110 @@
+"""The `minisora` command: train, train-vae, make-shapes, bench, config, ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/shapes.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    p.add_argument("--config", default=default, help=f"experiment YAML (default: {default})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=100")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from minisora.config import load_config
+
+    print(OmegaConf.to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_make_shapes(args: argparse.Namespace) -> int:
+    from minisora.data.shapes import make_shapes
+
+    manifest = make_shapes(
+        args.out, num=args.num, seed=args.seed, size=args.size, num_frames=args.frames, fps=args.fps
+    )
+    print(f"wrote {args.num} clips and {manifest}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from minisora.config import load_config
+    from minisora.training.run import run_pipeline
+
+    run_pipeline(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from minisora.config import load_config
+    from minisora.training.run import train_vae
+
+    train_vae(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    module = {"data": "minisora.bench.data"}.get(args.what)
+    if module is None:
+        print(f"unknown benchmark {args.what!r}; choose from: data", file=sys.stderr)
+        return 2
+    sys.argv = [module, *args.rest]
+    runpy.run_module(module, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minisora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="full pipeline: data -> VAE -> latent cache -> DiT -> samples")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-vae", help="train (or resume) the video autoencoder")
+    _add_config_args(p, "configs/vae/shapes.yaml")
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("make-shapes", help="write the synthetic moving-shapes dataset")
+    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--fps", type=float, default=8)
+    p.set_defaults(func=cmd_make_shapes)
+
+    p = sub.add_parser("config", help="print the fully resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("bench", help="benchmarks: data")
+    p.add_argument("what", help="which benchmark: data")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from minisora.config import ConfigError
+    from minisora.io import MediaError
+
+    try:
+        return args.func(args)
+    except (ConfigError, MediaError, FileNotFoundError) as e:
+        # A user error: one clear line, no traceback wall.
+        print(f"minisora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Typed experiment configs on OmegaConf: schemas come from constructor signatures, errors name key and file.
+
+Each section's keys are exactly the constructor arguments of the class it configures
+(`VideoDiT(**cfg.model)`), so the schema is derived from that signature instead of being
+written twice. Files merge as: schema defaults -> the files listed under `base:` -> the
+experiment file -> command-line `key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_ROOT = Path("configs")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that is not what the schema expects."""
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer arguments a run may set (a subset of `lightning.Trainer`)."""
+
+    max_steps: int = 1000
+    accelerator: str = "auto"  # "cpu", "gpu", "auto"
+    devices: str = "auto"  # "auto", a count ("2") or a list ("0,1")
+    num_nodes: int = 1
+    strategy: str = "auto"  # "auto", "ddp", "fsdp", "deepspeed_stage_2"
+    precision: str = "auto"  # "auto" = bf16-mixed on a GPU that supports it, else 32-true
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: int | None = None  # validate every N training steps (None: once per epoch)
+    limit_val_batches: int | None = 8
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
+    """A dataclass whose fields are the annotated keyword arguments of `cls.__init__`."""
+    sig = inspect.signature(cls.__init__)
+    hints = inspect.get_annotations(cls.__init__, eval_str=True)
+    fields = []
+    for name, p in sig.parameters.items():
+        if name == "self" or name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name not in hints:
+            raise TypeError(f"{cls.__name__}.__init__ argument {name!r} needs a type annotation to be configurable")
+        default = p.default
+        if default is inspect.Parameter.empty:
+            spec = field(default=dataclasses.MISSING)
+        elif isinstance(default, (list, dict)):
+            spec = field(default_factory=lambda d=default: type(d)(d))
+        else:
+            spec = field(default=default)
+        fields.append((name, hints[name], spec))
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+    schema.__doc__ = f"Keys are the constructor arguments of {cls.__module__}.{cls.__name__}."
+    return schema
+
+
+def _sections() -> dict[str, tuple[type, tuple[str, ...]]]:
+    """Config section -> (class it configures, constructor arguments that are not config)."""
+    from minisora.data.datamodule import VideoDataModule
+
+    sections: dict[str, tuple[type, tuple[str, ...]]] = {"data": (VideoDataModule, ())}
+    try:  # later stages join as their modules land; the foundation works without them
+        from minisora.models.autoencoder import VideoVAE
+        from minisora.training.lit_autoencoder import LitAutoencoder
+
+        sections["vae"] = (VideoVAE, ())
+        sections["vae_train"] = (LitAutoencoder, ("vae",))
+    except ImportError:
+        pass
+    return sections
+
+
+@lru_cache(maxsize=1)
+def schema() -> type:
+    """The top-level experiment schema."""
+    fields: list[tuple[str, Any, Any]] = [
+        ("name", str, field(default="shapes")),  # run folder: <run_dir>/<name>
+        ("run_dir", str, field(default="runs")),
+        ("seed", int, field(default=0)),
+        ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
+        ("vae_trainer", TrainerConfig, field(default_factory=TrainerConfig)),
+    ]
+    for section, (cls, skip) in _sections().items():
+        fields.append((section, _section_schema(cls, skip), field(default_factory=_section_schema(cls, skip))))
+    return dataclasses.make_dataclass("ExperimentConfig", fields)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)  # OmegaConf's loader is a yaml.SafeLoader: data only, no code
+    except Exception as e:  # yaml.YAMLError and friends; the message carries line and column
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(OmegaConf.structured(schema()), parent) if parent else OmegaConf.structured(schema())
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+        where = f" in '{parent}'" if parent else ""
+        return ConfigError(f"{source}: unknown key '{key}'{where}; valid keys: {valid}")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {str(e).splitlines()[0]} (key '{key}')")
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load an experiment: schema defaults <- `base:` files <- `path` <- `key=value` overrides."""
+    cfg = OmegaConf.structured(schema())
+    if path is not None:
+        path = Path(path)
+        layer = _read_yaml(path)
+        bases = layer.pop("base", None) or []
+        if isinstance(bases, str):
+            bases = [bases]
+        for b in bases:
+            bpath = (path.parent / b) if (path.parent / b).is_file() else CONFIG_ROOT / b
+            blayer = _read_yaml(bpath)
+            if "base" in blayer:
+                raise ConfigError(f"{bpath}: a base file cannot have its own 'base' (one level only)")
+            cfg = _merge(cfg, blayer, str(bpath))
+        cfg = _merge(cfg, layer, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. trainer.max_steps=100)")
+        key = item.split("=", 1)[0]
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: cannot parse {item!r}: {e}") from None
+        cfg = _merge(cfg, dotlist, f"command line ({key})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def kwargs(cfg_section: DictConfig) -> dict[str, Any]:
+    """A section as plain constructor keyword arguments (lists as lists)."""
+    out = OmegaConf.to_container(cfg_section, resolve=True)
+    assert isinstance(out, dict)
+    return out
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the fully resolved config (what the run actually used)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def to_plain(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,189 @@
+"""Rectified flow as pure functions over a callable `model(x_t, t, **cond) -> out` (k-diffusion style).
+
+Convention: x_t = (1 - t) * x0 + t * noise, t = 0 is data and t = 1 is noise; the velocity is
+v = dx_t/dt = noise - x0, and sampling integrates the ODE from t = 1 down to t = 0.
+"""
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PREDICTIONS = ("v", "x0")
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) matching x's rank."""
+    return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def shift_t(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """SD3 timestep shift t' = shift * t / (1 + (shift - 1) * t); shift > 1 moves time towards noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, base_tokens: int = 256, base_shift: float = 1.0,
+                     max_tokens: int = 4096, max_shift: float = 3.0) -> float:
+    """Timestep shift for a sample of num_tokens tokens: more tokens, noisier timesteps.
+
+    log(shift) is linear in the token count through (base_tokens, base_shift) and (max_tokens, max_shift),
+    as in Flux, and extrapolates above max_tokens; below base_tokens it stays at base_shift. Rationale (SD3,
+    Sec. 5.3.2): with more tokens the same noise level destroys less of the signal, as neighbouring tokens
+    average it out, so larger / longer videos need more time at high noise.
+    """
+    slope = (math.log(max_shift) - math.log(base_shift)) / (max_tokens - base_tokens)
+    return math.exp(math.log(base_shift) + slope * max(num_tokens - base_tokens, 0))
+
+
+def sample_t(batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+             mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Training timesteps (B,) in (0, 1): logit-normal (SD3) then shifted; the median is shift_t(sigmoid(mean))."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.randn(batch_size, generator=generator, device=gen_device) * std + mean  # (B,)
+    return shift_t(torch.sigmoid(u), shift).to(device)  # (B,)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, t (B,)."""
+    t = _bcast(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = noise - x0: the (constant) velocity of the straight path from data to noise."""
+    return noise - x0
+
+
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str, t_eps: float = 1e-4) -> torch.Tensor:
+    """Convert a network output to velocity: "v" as is, "x0" via v = (x_t - x0_hat) / t, t clamped at t_eps."""
+    if prediction == "v":
+        return out
+    if prediction == "x0":
+        return (x_t - out) / _bcast(t, x_t).clamp(min=t_eps)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def velocity_model(model: Callable, prediction: str) -> Callable:
+    """Wrap a network predicting `prediction` into a velocity callable for the samplers (exact conversion)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction == "v":
+        return model
+
+    def v_model(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return to_velocity(model(x, t, **cond), x, t, prediction)
+
+    return v_model
+
+
+def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str = "v",
+              t_eps: float = 0.05, **cond) -> torch.Tensor:
+    """Per-sample MSE (B,) between the predicted and the true velocity at x_t.
+
+    prediction "x0": the network predicts the clean sample, converted to velocity (x_t - x0_hat) / t; the loss is
+    the same velocity MSE, i.e. an x0 loss weighted by 1/t^2, capped at t_eps (the clamp only bounds that weight
+    near t = 0; sampling uses the exact conversion, see velocity_model). The calibration prototype showed that
+    x0 prediction removes the leftover noise v prediction left when a token carried more values (384) than the
+    model width (128): predicting a clean sample is a low-dimensional target, predicting noise is not
+    (also Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+    """
+    x_t = add_noise(x0, noise, t)  # (B, ...)
+    v_hat = to_velocity(model(x_t, t, **cond), x_t, t, prediction, t_eps=t_eps)  # (B, ...)
+    return F.mse_loss(v_hat.float(), velocity_target(x0, noise).float(), reduction="none").flatten(1).mean(1)  # (B,)
+
+
+def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sampling schedule (steps + 1,) from 1 to 0, uniform in t then shifted."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
+
+
+@torch.no_grad()
+def sample_euler(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None, **cond) -> torch.Tensor:
+    """Euler integration of dx/dt = model(x, t) from ts[0] (noise, x) to ts[-1]; one model call per step."""
+    B = x.shape[0]
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i], ts[i + 1]
+        v = model(x, t.expand(B), **cond)  # (B, ...)
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, denoised=x - t * v))
+        x = x + (t_next - t) * v
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None, **cond) -> torch.Tensor:
+    """Heun (2nd order) integration: Euler predictor, trapezoid corrector; Euler on the last step to t = 0."""
+    B = x.shape[0]
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i], ts[i + 1]
+        v = model(x, t.expand(B), **cond)  # (B, ...)
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, denoised=x - t * v))
+        x_euler = x + (t_next - t) * v
+        if t_next == 0:  # an x0-predicting model is ill-defined at t = 0 (k-diffusion does the same)
+            x = x_euler
+        else:
+            v_next = model(x_euler, t_next.expand(B), **cond)
+            x = x + (t_next - t) * (v + v_next) / 2
+    return x
+
+
+def _pad_tokens(a: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad (B, L, ...) with zeros (or False) along L to length."""
+    pad = length - a.shape[1]
+    if pad == 0:
+        return a
+    return torch.cat([a, a.new_zeros(a.shape[0], pad, *a.shape[2:])], dim=1)
+
+
+def _expand(v: torch.Tensor, B: int) -> torch.Tensor:
+    return v.expand(B, *v.shape[1:]) if v.shape[0] == 1 and B > 1 else v
+
+
+def _cat_cond(cond: dict, uncond: dict, B: int) -> dict:
+    """One doubled-batch condition from cond and uncond: [cond; uncond], text padded to a common length."""
+    if set(cond) != set(uncond):
+        raise ValueError(f"cfg_model: cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    cond, uncond = dict(cond), dict(uncond)
+    if "context" in cond:  # a missing mask means every token is real
+        for c in (cond, uncond):
+            if c["context"] is not None and c.get("context_mask") is None:
+                c["context_mask"] = torch.ones(c["context"].shape[:2], dtype=torch.bool, device=c["context"].device)
+        L = max(cond["context"].shape[1], uncond["context"].shape[1])
+        for c in (cond, uncond):
+            c["context"], c["context_mask"] = _pad_tokens(c["context"], L), _pad_tokens(c["context_mask"], L)
+    out = {}
+    for key in cond:
+        a, b = cond[key], uncond[key]
+        if a is None and b is None:
+            out[key] = None
+        elif a is None or b is None:
+            raise ValueError(f"cfg_model: {key!r} is None on one side only; pass both, or use batched=False")
+        else:
+            out[key] = torch.cat([_expand(a, B), _expand(b, B)], dim=0)
+    return out
+
+
+def cfg_model(model: Callable, scale: float, cond: dict, uncond: dict, batched: bool = True) -> Callable:
+    """Classifier-free guidance: a velocity callable v_uncond + scale * (v_cond - v_uncond).
+
+    batched=True runs cond and uncond as one doubled batch (contexts of different lengths are padded with
+    zeros and mask False); batched=False makes two calls (half the peak memory). scale == 1 is the plain
+    conditional call. Condition tensors with batch 1 are broadcast to the batch of x.
+    """
+    if scale == 1:
+        return lambda x, t: model(x, t, **cond)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        if batched:
+            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **_cat_cond(cond, uncond, B)).chunk(2)
+        else:
+            v_cond = model(x, t, **{k: _expand(v, B) if torch.is_tensor(v) else v for k, v in cond.items()})
+            v_uncond = model(x, t, **{k: _expand(v, B) if torch.is_tensor(v) else v for k, v in uncond.items()})
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    return guided

@@ -1,0 +1,144 @@
+"""TextEncoder: a frozen open_clip text tower that turns prompts into per-token embeddings and a padding mask."""
+
+import warnings
+
+import open_clip
+import torch
+import torch.nn as nn
+from open_clip.transformer import TextTransformer
+
+# Size of the BPE vocabulary shipped inside open_clip (bpe_simple_vocab_16e6.txt.gz): 49,152 merges + 2 special tokens.
+CLIP_VOCAB_SIZE = 49408
+
+
+def _is_registered(model_name: str) -> bool:
+    """True for an open_clip built-in config name or an explicit 'hf-hub:' / 'local-dir:' source."""
+    return ":" in model_name or open_clip.get_model_config(model_name) is not None
+
+
+class TextEncoder(nn.Module):
+    """Frozen open_clip text transformer; forward(prompts) -> (emb (B, L, D) float32, mask (B, L) bool).
+
+    model_name "tiny" (or any name open_clip does not know, with pretrained=None) builds a small randomly
+    initialised text transformer from width/layers/heads with a fixed seed, so every process gets identical
+    weights (latent caches and samples depend on it). A real open_clip name (e.g. "ViT-L-14") builds that
+    model's text tower; `pretrained` is then an open_clip tag (e.g. "laion2b_s32b_b82k", downloaded by open_clip)
+    or a local checkpoint file. The embeddings are the final LayerNorm's output at every position (not the
+    pooled vector); mask is True up to and including the end-of-text token.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny",
+        pretrained: str | None = None,
+        context_length: int = 32,
+        width: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (start and end tokens), got {context_length}")
+        self.model_name = model_name
+        registered = _is_registered(model_name)
+        if not registered and pretrained is not None:
+            raise ValueError(
+                f"TextEncoder: model_name {model_name!r} is not an open_clip model, so pretrained={pretrained!r} "
+                f"cannot be loaded; use a name from open_clip.list_models() or pretrained=None for a random tower"
+            )
+        # fork_rng restores the global RNG afterwards: building the encoder never perturbs the caller's seeds.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if registered:
+                self.text, self.tokenizer = self._build_open_clip(model_name, pretrained, context_length)
+            else:
+                self.text = TextTransformer(
+                    context_length=context_length, vocab_size=CLIP_VOCAB_SIZE, width=width, heads=heads,
+                    layers=layers, output_dim=None, proj_type="none",
+                )
+                self.tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
+        self.text.output_tokens = True  # forward returns (pooled, tokens); we use the tokens
+        self._context_length = context_length
+        self.requires_grad_(False)
+        self.eval()
+        # Empty-prompt embedding for classifier-free guidance; a non-persistent buffer so it follows .to(device).
+        self.register_buffer("_null_emb", None, persistent=False)
+        self.register_buffer("_null_mask", None, persistent=False)
+
+    @staticmethod
+    def _build_open_clip(model_name: str, pretrained: str | None, context_length: int) -> tuple[TextTransformer, object]:
+        cfg = open_clip.get_model_config(model_name) if ":" not in model_name else None
+        if cfg is not None and cfg.get("text_cfg", {}).get("hf_model_name"):
+            raise ValueError(
+                f"TextEncoder: {model_name!r} uses a Hugging Face text tower; only open_clip TextTransformer towers are supported"
+            )
+        # force_custom_text puts the text tower in model.text (a TextTransformer) and converts old checkpoints.
+        model = open_clip.create_model(model_name, pretrained=pretrained, force_custom_text=True, device="cpu")
+        text = model.text
+        del model  # drops the vision tower
+        if not isinstance(text, TextTransformer):
+            raise ValueError(f"TextEncoder: {model_name!r} has a {type(text).__name__} text tower, expected TextTransformer")
+        if context_length > text.context_length:
+            raise ValueError(
+                f"TextEncoder: context_length={context_length} exceeds {model_name!r}'s {text.context_length} positions"
+            )
+        return text, open_clip.get_tokenizer(model_name, context_length=context_length)
+
+    @property
+    def dim(self) -> int:
+        """Width D of the per-token embeddings."""
+        return self.text.width
+
+    @property
+    def context_length(self) -> int:
+        """Number of token positions L of every embedding."""
+        return self._context_length
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Always stays in eval mode: the encoder is frozen."""
+        return super().train(False)
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self._context_length
+        tokens = self.tokenizer(prompts, context_length=L)  # (B, L) long
+        eot = getattr(self.tokenizer, "eot_token_id", None)
+        if eot is not None:
+            # CLIP BPE: pad id 0 is also the token "!", so find the end token instead of comparing with pad.
+            is_eot = tokens == eot  # (B, L)
+            last = is_eot.int().argmax(dim=1)  # (B,) first end-of-text position
+            mask = torch.arange(L)[None] <= last[:, None]  # (B, L)
+            lengths = [len(self.tokenizer.encode(p)) + 2 for p in prompts]  # + start and end tokens
+        else:  # other open_clip tokenizers (e.g. SigLIP's) pad with the tower's pad id
+            mask = tokens != self.text.pad_id  # (B, L)
+            lengths = [L if bool(m[-1]) else int(m.sum()) for m in mask]
+        truncated = [p for p, n in zip(prompts, lengths) if n > L]
+        if truncated:
+            first = truncated[0] if len(truncated[0]) <= 60 else truncated[0][:57] + "..."
+            warnings.warn(
+                f"TextEncoder: {len(truncated)} prompt(s) longer than the {L}-token context were truncated, "
+                f"e.g. {first!r}; raise context_length to keep them whole",
+                stacklevel=2,
+            )
+        return tokens, mask
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (B strings) -> emb (B, L, D) float32, mask (B, L) bool (True = real token)."""
+        if isinstance(prompts, str):
+            raise TypeError("TextEncoder expects a list of prompts, got a single string; wrap it in a list")
+        device = self.text.positional_embedding.device
+        tokens, mask = self._tokenize(list(prompts))  # (B, L), (B, L)
+        pad = self.text.context_length - tokens.shape[1]
+        if pad > 0 and self.text.attn_mask is not None:
+            # The tower's causal mask is sized for its full context: pad, run, crop. Being causal, the first
+            # L positions do not see the padding.
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)  # (B, L_model)
+        _, emb = self.text(tokens.to(device))  # (B, L_model, D), after the final LayerNorm
+        return emb[:, : self._context_length].float(), mask.to(device)  # (B, L, D), (B, L)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and mask (1, L, D), (1, L) of the empty prompt, computed once (classifier-free guidance)."""
+        if self._null_emb is None:
+            self._null_emb, self._null_mask = self([""])
+        return self._null_emb, self._null_mask

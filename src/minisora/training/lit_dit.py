@@ -1,0 +1,158 @@
+"""LitVideoDiT: wires VideoDiT, the rectified-flow objective, AdamW8bit, EMA and sample logging."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from minisora import diffusion
+from minisora.models.dit import VideoDiT
+
+T_BUCKETS = 4  # loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
+
+
+def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, betas: list[float]):
+    """AdamW8bit keeps 2 bytes of state per parameter instead of 8 (bitsandbytes blockwise quantisation)."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw8bit' or 'adamw', got {name!r}")
+
+
+def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float):
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class LitVideoDiT(L.LightningModule):
+    """Rectified-flow training of a VideoDiT on cached latents (batches from LatentDataModule)."""
+
+    def __init__(
+        self,
+        model: VideoDiT,
+        null_context: torch.Tensor | None = None,
+        null_mask: torch.Tensor | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: list[float] | None = None,
+        optimizer: str = "adamw8bit",
+        warmup_steps: int = 100,
+        schedule: str = "constant",  # "constant" | "cosine"
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.999,
+        caption_dropout: float = 0.1,
+        prediction: str = "v",  # "v" | "x0" (x0 is converted to velocity; same loss)
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        t_shift: float | None = None,  # None: shift from the token count (resolution_shift)
+        compile: bool = False,
+    ):
+        super().__init__()
+        if prediction not in ("v", "x0"):
+            raise ValueError(f"prediction must be 'v' or 'x0', got {prediction!r}")
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.model = model
+        # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export.
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        if model.condition == "text" and null_context is None:
+            raise ValueError("a text-conditioned model needs null_context (the empty-prompt embedding) for caption dropout")
+        self.register_buffer("null_context", null_context, persistent=False)  # (L, D)
+        self.register_buffer("null_mask", null_mask, persistent=False)  # (L,)
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, list(betas or [0.9, 0.99])
+        self.optimizer_name, self.warmup_steps, self.schedule, self.min_lr_ratio = optimizer, warmup_steps, schedule, min_lr_ratio
+        self.caption_dropout, self.prediction = caption_dropout, prediction
+        self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
+        self.compile = compile
+        self.net = torch.compile(model) if compile else model
+
+    # ---- conditioning -------------------------------------------------------------------------
+    def _cond(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Model keyword arguments for a batch; rows where `drop` is True get the null condition."""
+        if self.model.condition == "text":
+            context, mask = batch["context"], batch["context_mask"]  # (B, L, D), (B, L)
+            if drop is not None and drop.any():
+                context = torch.where(drop[:, None, None], self.null_context.to(context.dtype), context)
+                mask = torch.where(drop[:, None], self.null_mask, mask)
+            return {"context": context, "context_mask": mask}
+        if self.model.condition == "class":
+            labels = batch["labels"]
+            if drop is not None:
+                labels = torch.where(drop, torch.full_like(labels, self.model.num_classes), labels)
+            return {"labels": labels}
+        return {}
+
+    def _shift(self, latents: torch.Tensor) -> float:
+        if self.t_shift is not None:
+            return self.t_shift
+        _, _, T, H, W = latents.shape
+        return diffusion.resolution_shift(self.model.tokens(T, H, W))
+
+    # ---- steps ------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"]  # (B, C, T, H, W)
+        B = x0.shape[0]
+        train = stage == "train"
+        # Validation draws the same t and noise every time, so val/loss curves compare like with like.
+        gen = None if train else torch.Generator(device=x0.device).manual_seed(1234 + batch_idx)
+        t = diffusion.sample_t(B, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
+                               shift=self._shift(x0))  # (B,)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
+        drop = (torch.rand(B, device=x0.device) < self.caption_dropout) if train else None
+        losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
+        loss = losses.mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=not train)
+        bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+        for k in range(T_BUCKETS):
+            sel = bucket == k
+            if sel.any():
+                self.log(f"{stage}/loss_t{k}", losses[sel].mean(), batch_size=int(sel.sum()), sync_dist=not train)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val", batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update_parameters(self.model)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), prog_bar=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = build_optimizer(params, self.optimizer_name, self.lr, self.weight_decay, self.betas)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10**6
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.warmup_steps, self.schedule, total, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @property
+    def ema_model(self) -> VideoDiT:
+        """The EMA copy of the network (what sampling and export use)."""
+        return self.ema.module

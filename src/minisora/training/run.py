@@ -1,0 +1,153 @@
+"""Runs built from a config: train the VAE, cache latents, train the DiT, sample and score. `make train` calls run_pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from minisora.config import kwargs, save_config
+
+log = logging.getLogger("minisora")
+
+
+def say(msg: str) -> None:
+    """Progress a user needs to trust a run; printed (rank 0 only) so it shows next to Lightning's output."""
+    if int(__import__("os").environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"[minisora] {msg}", flush=True)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) / cfg.name
+
+
+def precision(value: str) -> str:
+    """'auto' = bf16 autocast where the GPU supports it (Ampere and newer), else full fp32."""
+    if value != "auto":
+        return value
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def devices(value: str) -> Any:
+    value = str(value)
+    if value == "auto":
+        return "auto"
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    return int(value)
+
+
+def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> L.Trainer:
+    """A Lightning Trainer from the `trainer` section: TensorBoard logs and periodic + last checkpoints."""
+    ckpt = ModelCheckpoint(
+        dirpath=folder / "checkpoints",
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=tcfg.checkpoint_every,
+        save_last=True,
+        save_top_k=2,
+        monitor="step",
+        mode="max",
+    )
+    return L.Trainer(
+        max_steps=tcfg.max_steps,
+        accelerator=tcfg.accelerator,
+        devices=devices(tcfg.devices),
+        num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy,
+        precision=precision(tcfg.precision),
+        accumulate_grad_batches=tcfg.accumulate_grad_batches,
+        gradient_clip_val=tcfg.gradient_clip_val,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        val_check_interval=tcfg.val_check_interval,
+        check_val_every_n_epoch=None if tcfg.val_check_interval else 1,
+        limit_val_batches=tcfg.limit_val_batches,
+        deterministic=tcfg.deterministic,
+        enable_progress_bar=tcfg.enable_progress_bar,
+        logger=TensorBoardLogger(save_dir=str(folder), name="logs", version=tag),
+        callbacks=[ckpt, LearningRateMonitor(logging_interval="step"), *callbacks],
+        default_root_dir=str(folder),
+    )
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a rerun resumes from: last.ckpt if present."""
+    last = folder / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+# ---- data ------------------------------------------------------------------------------------
+def ensure_data(cfg: DictConfig) -> None:
+    """Generate the shapes dataset when the config asks for it and it is missing or stale."""
+    if cfg.get("shapes") is None:
+        return
+    from minisora.data.shapes import make_shapes
+
+    out = Path(cfg.data.path).parent
+    t0 = time.time()
+    manifest = make_shapes(out, **kwargs(cfg.shapes))
+    say(f"shapes dataset: {manifest} ({time.time() - t0:.1f} s)")
+
+
+# ---- autoencoder -----------------------------------------------------------------------------
+def vae_path(cfg: DictConfig) -> Path:
+    return Path(cfg.vae_weights) if cfg.get("vae_weights") else run_dir(cfg) / "vae" / "vae.safetensors"
+
+
+def train_vae(cfg: DictConfig) -> Path:
+    """Train (or resume) the autoencoder of `cfg`, estimate its latent statistics, save it as safetensors."""
+    from minisora.data.datamodule import VideoDataModule
+    from minisora.models.autoencoder import VideoVAE
+    from minisora.training.callbacks import SkippedFilesLogger
+    from minisora.training.lit_autoencoder import LitAutoencoder, estimate_latent_stats
+
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_data(cfg)
+    folder = run_dir(cfg) / "vae"
+    save_config(cfg, folder / "config.yaml")
+    vae = VideoVAE(**kwargs(cfg.vae))
+    lit = LitAutoencoder(vae, **kwargs(cfg.vae_train))
+    data = VideoDataModule(**kwargs(cfg.data))
+    n_params = sum(p.numel() for p in vae.parameters())
+    C, t, h, w = vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+    ratio = 3 * cfg.data.num_frames * cfg.data.height * cfg.data.width / (C * t * h * w)
+    say(
+        f"VAE: {n_params / 1e6:.2f} M parameters; clip 3x{cfg.data.num_frames}x{cfg.data.height}x{cfg.data.width} "
+        f"-> latent {C}x{t}x{h}x{w} ({ratio:.1f}x fewer values); run folder {folder}"
+    )
+    trainer = build_trainer(cfg.vae_trainer, folder, [SkippedFilesLogger()], tag="vae")
+    resume = last_checkpoint(folder)
+    if resume:
+        say(f"resuming the VAE from {resume}")
+    t0 = time.time()
+    trainer.fit(lit, datamodule=data, ckpt_path=str(resume) if resume else None)
+    say(f"VAE trained in {time.time() - t0:.0f} s")
+    estimate_latent_stats(vae, data.train_dataloader(), max_batches=cfg.vae_train.latent_stats_batches)
+    out = vae_path(cfg) if not cfg.get("vae_weights") else folder / "vae.safetensors"
+    vae.save_pretrained(out)
+    say(f"VAE saved to {out} (latent shift {vae.shift.mean():.3f}, scale {vae.scale.mean():.3f} on average)")
+    return out
+
+
+def load_or_train_vae(cfg: DictConfig):
+    from minisora.models.autoencoder import load_autoencoder
+
+    path = vae_path(cfg)
+    if not path.is_file():
+        if cfg.get("vae_weights"):
+            raise FileNotFoundError(f"vae_weights: {path} does not exist")
+        say(f"no autoencoder at {path}: training one first")
+        path = train_vae(cfg)
+    vae = load_autoencoder(path)
+    say(f"autoencoder: {path}")
+    return vae
