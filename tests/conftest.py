@@ -62,7 +62,12 @@ def make_video(tmp_path):
     """Factory: make_video(name, num_frames, width, height, fps, first=0) -> path of a coded H.264 mp4."""
 
     def make(
-        name: str = "clip.mp4", num_frames: int = 24, width: int = 96, height: int = 64, fps: float = 10.0, first: int = 0
+        name: str = "clip.mp4",
+        num_frames: int = 24,
+        width: int = 96,
+        height: int = 64,
+        fps: float = 10.0,
+        first: int = 0,
     ) -> Path:
         frames = np.stack([make_coded_frame(first + i, height, width) for i in range(num_frames)])
         path = tmp_path / name

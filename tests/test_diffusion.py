@@ -136,8 +136,10 @@ def _cond_model(x, t, context=None, context_mask=None, labels=None):
 
 def test_cfg_wrapper():
     x, t = torch.randn(3, 4), torch.rand(3)
-    cond = dict(context=torch.randn(3, 5, 6), context_mask=torch.ones(3, 5, dtype=torch.bool), labels=torch.tensor([0, 1, 2]))
-    uncond = dict(context=torch.randn(1, 2, 6), context_mask=torch.ones(1, 2, dtype=torch.bool), labels=torch.tensor([9]))
+    cond = dict(context=torch.randn(3, 5, 6), context_mask=torch.ones(3, 5, dtype=torch.bool),
+                labels=torch.tensor([0, 1, 2]))
+    uncond = dict(context=torch.randn(1, 2, 6), context_mask=torch.ones(1, 2, dtype=torch.bool),
+                  labels=torch.tensor([9]))
     assert torch.equal(D.cfg_model(_cond_model, 1.0, cond, uncond)(x, t), _cond_model(x, t, **cond))
     batched = D.cfg_model(_cond_model, 4.0, cond, uncond, batched=True)(x, t)
     unbatched = D.cfg_model(_cond_model, 4.0, cond, uncond, batched=False)(x, t)

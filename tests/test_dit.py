@@ -243,3 +243,26 @@ def test_counts():
     model = tiny(patch_size=[1, 2, 2])
     assert model.tokens(4, 8, 6) == 4 * 4 * 3
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_bf16_autocast_close_to_fp32(layout):
+    model = tiny(layout=layout).eval()
+    perturb_zero_init(model)
+    x, t, cond = torch.randn(2, C, 2, 4, 4), torch.rand(2), cond_for("text", 2)
+    ref = model(x, t, **cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, **cond)
+    assert low.shape == x.shape and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_constructor_annotations_fit_the_config_schema():
+    import inspect
+
+    scalars = (int, float, bool, str)
+    allowed = {*scalars, *(s | None for s in scalars), list[int], list[float], list[str],
+               list[int] | None, list[float] | None, list[str] | None}
+    for name, param in inspect.signature(VideoDiT).parameters.items():
+        assert param.annotation in allowed, f"VideoDiT.{name}: {param.annotation}"
+        assert param.default is not inspect.Parameter.empty, name

@@ -89,9 +89,15 @@ def test_missing_column_names_file_and_columns(clip_folder):
     "text, message",
     [
         ('{"path": "clips/a.mp4", "caption": "x"}\n{"path": "clips/b.mp4", caption: 1}\n', r"line 2: malformed JSON"),
-        ('{"path": "clips/a.mp4", "caption": "x", "label": "cat"}\n', r"line 1, column 'label': expected an integer, got 'cat'"),
+        (
+            '{"path": "clips/a.mp4", "caption": "x", "label": "cat"}\n',
+            r"line 1, column 'label': expected an integer, got 'cat'",
+        ),
         ('{"path": "clips/a.mp4", "caption": "x", "start": "soon"}\n', r"line 1, column 'start': expected seconds"),
-        ('{"path": "clips/a.mp4", "caption": "x", "start": 2, "end": 1}\n', r"line 1: 'end' \(1 s\) must be after 'start'"),
+        (
+            '{"path": "clips/a.mp4", "caption": "x", "start": 2, "end": 1}\n',
+            r"line 1: 'end' \(1 s\) must be after 'start'",
+        ),
         ('["clips/a.mp4", "x"]\n', r"line 1: expected a JSON object"),
     ],
 )
@@ -108,6 +114,9 @@ def test_bad_csv_values_name_line_and_column(clip_folder):
         load_records(str(clip_folder / "m.csv"))
     (clip_folder / "m.csv").write_text("path,caption,label\nclips/a.mp4,x,1.5\n")
     with pytest.raises(ValueError, match=r"line 2, column 'label': expected an integer, got '1.5'"):
+        load_records(str(clip_folder / "m.csv"))
+    (clip_folder / "m.csv").write_text("path,caption\nclips/a.mp4,a cat, sitting\n")
+    with pytest.raises(ValueError, match=r"line 2: 3 fields for 2 columns; quote captions that contain commas"):
         load_records(str(clip_folder / "m.csv"))
 
 
@@ -129,6 +138,7 @@ def test_caption_folder_mixes_images_and_videos(tmp_path, make_video, make_image
     (tmp_path / "cap/sub/tree.txt").write_text("a tree")
     make_video("cap/orphan.mp4")  # no caption: skipped and reported
     (tmp_path / "cap/notes.md").write_text("not media")
+    make_video("cap/.cache/hidden.mp4")  # hidden folders are not data
     assert detect_format(tmp_path / "cap") == "captions"
     with pytest.warns(UserWarning, match=r"1 media file\(s\) without a \.txt caption.*orphan\.mp4"):
         records, skipped = load_records(str(tmp_path / "cap"))

@@ -120,3 +120,18 @@ def test_open_clip_model_from_local_dir(tmp_path):
     assert torch.allclose(full[:, :16], emb, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds"):
         TextEncoder(f"local-dir:{tmp_path}", context_length=100)
+
+
+def test_constructor_annotations_fit_the_config_schema():
+    import inspect
+
+    scalars = (int, float, bool, str)
+    allowed = {*scalars, *(s | None for s in scalars)}
+    for name, param in inspect.signature(TextEncoder).parameters.items():
+        assert param.annotation in allowed, f"TextEncoder.{name}: {param.annotation}"
+
+
+def test_unknown_name_warns_and_builds_random_tower():
+    with pytest.warns(UserWarning, match="not an open_clip model name"):
+        enc = TextEncoder(model_name="ViT-L-41", context_length=8, width=32, layers=1, heads=2)
+    assert enc.dim == 32

@@ -47,14 +47,15 @@ class TrainerConfig:
 
 def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
     """A dataclass whose fields are the annotated keyword arguments of `cls.__init__`."""
-    sig = inspect.signature(cls.__init__)
-    hints = inspect.get_annotations(cls.__init__, eval_str=True)
+    fn = cls.__init__ if isinstance(cls, type) else cls
+    sig = inspect.signature(fn)
+    hints = inspect.get_annotations(fn, eval_str=True)
     fields = []
     for name, p in sig.parameters.items():
         if name == "self" or name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if name not in hints:
-            raise TypeError(f"{cls.__name__}.__init__ argument {name!r} needs a type annotation to be configurable")
+            raise TypeError(f"{cls.__qualname__}: argument {name!r} needs a type annotation to be configurable")
         default = p.default
         if default is inspect.Parameter.empty:
             spec = field(default=dataclasses.MISSING)
@@ -64,24 +65,31 @@ def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
             spec = field(default=default)
         fields.append((name, hints[name], spec))
     schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
-    schema.__doc__ = f"Keys are the constructor arguments of {cls.__module__}.{cls.__name__}."
+    schema.__doc__ = f"Keys are the arguments of {cls.__module__}.{cls.__qualname__}."
     return schema
 
 
-def _sections() -> dict[str, tuple[type, tuple[str, ...]]]:
-    """Config section -> (class it configures, constructor arguments that are not config)."""
+def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """Config section -> (the class or function it configures, its arguments that are not config)."""
     from minisora.data.datamodule import VideoDataModule
+    from minisora.data.latents import LatentDataModule
+    from minisora.models.autoencoder import VideoVAE
+    from minisora.models.dit import VideoDiT
+    from minisora.models.text import TextEncoder
+    from minisora.training.lit_autoencoder import LitAutoencoder
+    from minisora.training.lit_dit import LitVideoDiT
+    from minisora.training.sampling import SampleVideos
 
-    sections: dict[str, tuple[type, tuple[str, ...]]] = {"data": (VideoDataModule, ())}
-    try:  # later stages join as their modules land; the foundation works without them
-        from minisora.models.autoencoder import VideoVAE
-        from minisora.training.lit_autoencoder import LitAutoencoder
-
-        sections["vae"] = (VideoVAE, ())
-        sections["vae_train"] = (LitAutoencoder, ("vae",))
-    except ImportError:
-        pass
-    return sections
+    return {
+        "data": (VideoDataModule, ()),
+        "vae": (VideoVAE, ()),
+        "vae_train": (LitAutoencoder, ("vae",)),
+        "text": (TextEncoder, ()),
+        "model": (VideoDiT, ()),
+        "latents": (LatentDataModule, ("video", "vae", "text_encoder")),
+        "dit_train": (LitVideoDiT, ("model", "null_context", "null_mask")),
+        "sample": (SampleVideos, ("vae", "text_encoder", "folder")),
+    }
 
 
 @lru_cache(maxsize=1)
@@ -91,11 +99,17 @@ def schema() -> type:
         ("name", str, field(default="shapes")),  # run folder: <run_dir>/<name>
         ("run_dir", str, field(default="runs")),
         ("seed", int, field(default=0)),
+        ("vae_weights", str | None, field(default=None)),  # a trained autoencoder file; None: train one in the run
         ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
         ("vae_trainer", TrainerConfig, field(default_factory=TrainerConfig)),
     ]
     for section, (cls, skip) in _sections().items():
-        fields.append((section, _section_schema(cls, skip), field(default_factory=_section_schema(cls, skip))))
+        sch = _section_schema(cls, skip)
+        fields.append((section, sch, field(default_factory=sch)))
+    from minisora.data.shapes import make_shapes
+
+    # Options of the synthetic dataset written next to data.path; null for real data.
+    fields.append(("shapes", _section_schema(make_shapes, ("out", "force")) | None, field(default=None)))
     return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 

@@ -55,7 +55,8 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str, t_eps: float = 1e-4) -> torch.Tensor:
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str,
+                t_eps: float = 1e-4) -> torch.Tensor:
     """Convert a network output to velocity: "v" as is, "x0" via v = (x_t - x0_hat) / t, t clamped at t_eps."""
     if prediction == "v":
         return out
@@ -101,7 +102,8 @@ def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None 
 
 
 @torch.no_grad()
-def sample_euler(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None, **cond) -> torch.Tensor:
+def sample_euler(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None,
+                 **cond) -> torch.Tensor:
     """Euler integration of dx/dt = model(x, t) from ts[0] (noise, x) to ts[-1]; one model call per step."""
     B = x.shape[0]
     for i in range(len(ts) - 1):
@@ -114,7 +116,8 @@ def sample_euler(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback
 
 
 @torch.no_grad()
-def sample_heun(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None, **cond) -> torch.Tensor:
+def sample_heun(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None,
+                **cond) -> torch.Tensor:
     """Heun (2nd order) integration: Euler predictor, trapezoid corrector; Euler on the last step to t = 0."""
     B = x.shape[0]
     for i in range(len(ts) - 1):

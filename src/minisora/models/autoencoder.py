@@ -32,7 +32,13 @@ from minisora.models.vae_blocks import (
 
 
 class Autoencoder(nn.Module):
-    """Interface: video (B, 3, T, H, W) in [-1, 1] <-> normalised latents (B, C, t, h, w)."""
+    """Interface: video (B, 3, T, H, W) in [-1, 1] <-> normalised latents (B, C, t, h, w).
+
+    Subclasses implement encode_raw/decode_raw/forward and the compression properties, and keep their
+    JSON-able constructor arguments in `self.config` so save_autoencoder can describe the file.
+    """
+
+    config: dict
 
     def __init__(self, latent_channels: int) -> None:
         super().__init__()
@@ -56,6 +62,27 @@ class Autoencoder(nn.Module):
         kt, s = self.temporal_compression, self.spatial_compression
         return self.latent_channels, 1 + (T - 1) // kt, H // s, W // s
 
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected shape unless `video` is (B, 3, 1 + k*kt, s*m, s*n) float."""
+        kt, s = self.temporal_compression, self.spatial_compression
+        expected = f"(B, 3, T, H, W) float video with T = 1 + {kt}k frames and H, W multiples of {s}"
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected {expected}, got shape {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise ValueError(f"expected {expected} in [-1, 1], got dtype {video.dtype}")
+        B, C, T, H, W = video.shape
+        if (T - 1) % kt:
+            frames = ", ".join(str(1 + kt * k) for k in range(5))
+            raise ValueError(f"expected T = 1 + {kt}k frames ({frames}, ...), got {T}")
+        if H % s or W % s or H == 0 or W == 0:
+            raise ValueError(f"expected H and W to be multiples of {s} (the spatial compression), got {H}x{W}")
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels or not latents.is_floating_point():
+            raise ValueError(
+                f"expected float latents (B, {self.latent_channels}, t, h, w), got {tuple(latents.shape)} {latents.dtype}"
+            )
+
     def encode_raw(self, video: torch.Tensor, sample: bool = False, tiled: bool | None = None) -> torch.Tensor:
         """Un-normalised latents: the posterior mean, or a sample of the posterior if `sample`."""
         raise NotImplementedError
@@ -67,6 +94,10 @@ class Autoencoder(nn.Module):
         """Training pass: (reconstruction, posterior mean, posterior log-variance), all un-normalised."""
         raise NotImplementedError
 
+    def last_layer(self) -> torch.Tensor | None:
+        """The weight that produces the output pixels (for the adaptive GAN weight), if there is one."""
+        return None
+
     def _stat(self, name: str, latents: torch.Tensor) -> torch.Tensor:
         return getattr(self, name).to(latents.dtype)[None, :, None, None, None]
 
@@ -77,6 +108,7 @@ class Autoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Video in ~[-1, 1] from normalised latents."""
+        self.check_latents(latents)
         return self.decode_raw(latents * self._stat("scale", latents) + self._stat("shift", latents), tiled=tiled)
 
     def set_latent_stats(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
@@ -232,27 +264,6 @@ class VideoVAE(Autoencoder):
     @property
     def spatial_compression(self) -> int:
         return self.config["spatial_compression"]
-
-    def check_video(self, video: torch.Tensor) -> None:
-        """Raise a ValueError naming the expected shape unless `video` is (B, 3, 1 + k*kt, s*m, s*n) float."""
-        kt, s = self.temporal_compression, self.spatial_compression
-        expected = f"(B, 3, T, H, W) float video with T = 1 + {kt}k frames and H, W multiples of {s}"
-        if video.ndim != 5 or video.shape[1] != 3:
-            raise ValueError(f"expected {expected}, got shape {tuple(video.shape)}")
-        if not video.is_floating_point():
-            raise ValueError(f"expected {expected} in [-1, 1], got dtype {video.dtype}")
-        B, C, T, H, W = video.shape
-        if (T - 1) % kt:
-            frames = ", ".join(str(1 + kt * k) for k in range(5))
-            raise ValueError(f"expected T = 1 + {kt}k frames ({frames}, ...), got {T}")
-        if H % s or W % s or H == 0 or W == 0:
-            raise ValueError(f"expected H and W to be multiples of {s} (the spatial compression), got {H}x{W}")
-
-    def check_latents(self, latents: torch.Tensor) -> None:
-        if latents.ndim != 5 or latents.shape[1] != self.latent_channels or not latents.is_floating_point():
-            raise ValueError(
-                f"expected float latents (B, {self.latent_channels}, t, h, w), got {tuple(latents.shape)} {latents.dtype}"
-            )
 
     def _auto(self, tiled: bool | None, T: int, H: int, W: int, tile: int, chunk: int) -> tuple[bool, bool]:
         """Whether to tile space and chunk time: forced by `tiled`, else only above the limits."""

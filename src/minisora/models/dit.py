@@ -49,7 +49,8 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int], mode: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
+                mode: str) -> torch.Tensor:
         T, H, W = grid
         # contiguous: torch's fused RMSNorm on the strided view was 80x slower on CPU (measured: 40 ms vs 0.5 ms)
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).contiguous()
@@ -83,12 +84,15 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads).contiguous()  # (B, heads, N, d)
-        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads).contiguous().unbind(0)  # 2 x (B, heads, L, d)
+        context = context.to(self.kv.weight.dtype)  # the text encoder returns float32; the model may be bf16
+        kv = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads).contiguous()
+        k, v = kv.unbind(0)  # 2 x (B, heads, L, d)
         q, k = self.q_norm(q), self.k_norm(k)
         attn_mask, keep = None, None
         if mask is not None:
             # A prompt with zero real tokens would give a row of -inf logits and NaN; let such rows attend
             # everywhere and then drop their output: attending to nothing contributes nothing.
+            mask = mask.bool()  # a float mask would be read by SDPA as additive logits
             keep = mask.any(dim=-1)  # (B,)
             attn_mask = (mask | ~keep[:, None])[:, None, None, :]  # (B, 1, 1, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
@@ -115,14 +119,14 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         # This block's learned offset to the shared modulation (shift/scale/gate for attention and MLP).
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))  # set in VideoDiT.initialize_weights
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 grid: tuple[int, int, int], context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        B, N, D = x.shape
         mod = rearrange(mod, "b (six d) -> b six d", six=6) + self.scale_shift_table  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=1)  # 6 x (B, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, grid, self.attn_mode)  # (B, N, D)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, rope, grid, self.attn_mode)  # (B, N, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
@@ -135,7 +139,7 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_values: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))  # set in VideoDiT.initialize_weights
         self.linear = nn.Linear(hidden_size, patch_values)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,10 @@ class VideoDiT(nn.Module):
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if condition == "class" else None
         self.rope = RoPE3D(hidden_size // num_heads, theta=rope_theta)
         context_dim = text_dim if condition == "text" else None
-        modes = ["full"] * depth if layout == "full" else ["spatial" if i % 2 == 0 else "temporal" for i in range(depth)]
+        if layout == "full":
+            modes = ["full"] * depth
+        else:  # Latte variant 1: spatial and temporal blocks alternate
+            modes = ["spatial" if i % 2 == 0 else "temporal" for i in range(depth)]
         self.blocks = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio, mode, context_dim, qk_norm) for mode in modes]
         )
@@ -252,7 +259,8 @@ class VideoDiT(nn.Module):
         t, h, w = self.grid(T, H, W)
         return t * h * w
 
-    def _condition(self, t_emb: torch.Tensor, labels: torch.Tensor | None, context: torch.Tensor | None) -> torch.Tensor:
+    def _condition(self, t_emb: torch.Tensor, labels: torch.Tensor | None,
+                   context: torch.Tensor | None) -> torch.Tensor:
         B = t_emb.shape[0]
         if self.condition == "class":
             if labels is None:  # unconditional: the null label
@@ -262,7 +270,9 @@ class VideoDiT(nn.Module):
             return t_emb + self.y_embedder(labels)  # (B, D)
         if self.condition == "text":
             if context is None:
-                raise ValueError("condition='text' needs context (B, L, text_dim); pass the null embedding for unconditional")
+                raise ValueError(
+                    "condition='text' needs context (B, L, text_dim); pass the null embedding for unconditional"
+                )
             if context.ndim != 3 or context.shape[0] != B:
                 raise ValueError(f"context must be (B={B}, L, text_dim), got {tuple(context.shape)}")
         return t_emb  # (B, D)
@@ -278,7 +288,8 @@ class VideoDiT(nn.Module):
         t = t.expand(B) if t.ndim == 0 else t  # (B,)
         if gt * pt != T:  # pad time by repeating the last frame; cropped again below
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, gt * pt - T, -1, -1)], dim=2)  # (B, C, T', H, W)
-        h = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)  # (B, N, pt*ph*pw*C)
+        h = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)",
+                      pt=pt, ph=ph, pw=pw)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(h)  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
         c = self._condition(t_emb, labels, context)  # (B, D)
@@ -287,7 +298,9 @@ class VideoDiT(nn.Module):
         grid = (gt, gh, gw)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, mod, rope, grid, context, context_mask, use_reentrant=False)  # (B, N, D)
+                h = torch.utils.checkpoint.checkpoint(
+                    block, h, mod, rope, grid, context, context_mask, use_reentrant=False
+                )  # (B, N, D)
             else:
                 h = block(h, mod, rope, grid, context, context_mask)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)

@@ -4,9 +4,22 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-# torch's fused RMSNorm (torch >= 2.4) is all we need for QK-norm: normalise the last axis, learnable scale.
-RMSNorm = nn.RMSNorm
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis with a learnable scale, computed in float32 and returned in the input dtype.
+
+    torch.nn.RMSNorm under bf16 autocast sees a bf16 input and a float32 weight and falls back to its slow
+    unfused path (with a warning); QK-norm exists for bf16 stability, so normalise in float32.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,7 +121,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k (..., N, head_dim) by cos/sin (N, head_dim); computed in float32, returned in the input dtype."""
     qf, kf = q.float(), k.float()
     q_out = qf * cos + _rotate_half(qf) * sin

@@ -47,6 +47,11 @@ class TextEncoder(nn.Module):
                 f"TextEncoder: model_name {model_name!r} is not an open_clip model, so pretrained={pretrained!r} "
                 f"cannot be loaded; use a name from open_clip.list_models() or pretrained=None for a random tower"
             )
+        if not registered and model_name != "tiny":
+            warnings.warn(
+                f"TextEncoder: {model_name!r} is not an open_clip model name; building a random tiny text tower "
+                f"(width={width}, layers={layers}, heads={heads}). Use model_name='tiny' to silence this."
+            )
         # fork_rng restores the global RNG afterwards: building the encoder never perturbs the caller's seeds.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -67,18 +72,22 @@ class TextEncoder(nn.Module):
         self.register_buffer("_null_mask", None, persistent=False)
 
     @staticmethod
-    def _build_open_clip(model_name: str, pretrained: str | None, context_length: int) -> tuple[TextTransformer, object]:
+    def _build_open_clip(model_name: str, pretrained: str | None,
+                         context_length: int) -> tuple[TextTransformer, object]:
         cfg = open_clip.get_model_config(model_name) if ":" not in model_name else None
         if cfg is not None and cfg.get("text_cfg", {}).get("hf_model_name"):
             raise ValueError(
-                f"TextEncoder: {model_name!r} uses a Hugging Face text tower; only open_clip TextTransformer towers are supported"
+                f"TextEncoder: {model_name!r} uses a Hugging Face text tower; "
+                f"only open_clip TextTransformer towers are supported"
             )
         # force_custom_text puts the text tower in model.text (a TextTransformer) and converts old checkpoints.
         model = open_clip.create_model(model_name, pretrained=pretrained, force_custom_text=True, device="cpu")
         text = model.text
         del model  # drops the vision tower
         if not isinstance(text, TextTransformer):
-            raise ValueError(f"TextEncoder: {model_name!r} has a {type(text).__name__} text tower, expected TextTransformer")
+            raise ValueError(
+                f"TextEncoder: {model_name!r} has a {type(text).__name__} text tower, expected TextTransformer"
+            )
         if context_length > text.context_length:
             raise ValueError(
                 f"TextEncoder: context_length={context_length} exceeds {model_name!r}'s {text.context_length} positions"

@@ -9,8 +9,9 @@ from lightning.pytorch.utilities import rank_zero_info
 class SkippedFilesLogger(L.Callback):
     """Counts the distinct files the data pipeline skipped (batch["skipped"]) per epoch, logs and summarises them.
 
-    Logs `data/skipped_files_{train,val}` each epoch and prints one line naming up to `max_named`
-    files with their reasons, so a broken file in a 100k-clip dataset is seen, not silently dropped.
+    Logs `data/skipped_files_{train,val}` each epoch (rank 0's batches) and prints one line naming up
+    to `max_named` files with their reasons, so a broken file in a 100k-clip dataset is seen, not
+    silently dropped.
     """
 
     def __init__(self, max_named: int = 3):
@@ -24,7 +25,8 @@ class SkippedFilesLogger(L.Callback):
 
     def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         files = self.skipped[stage]
-        pl_module.log(f"data/skipped_files_{stage}", float(len(files)), on_epoch=True)
+        # rank_zero_only: each rank sees its own batches; summing ranks would count a file twice.
+        pl_module.log(f"data/skipped_files_{stage}", float(len(files)), on_epoch=True, rank_zero_only=True)
         if files:
             named = "; ".join(f"{p} ({why})" for p, why in list(files.items())[: self.max_named])
             more = f"; and {len(files) - self.max_named} more" if len(files) > self.max_named else ""

@@ -147,6 +147,26 @@ def estimate_latent_stats(
     return shift, scale
 
 
+def add_gif(writer, tag: str, frames: torch.Tensor, step: int, fps: float = 8.0) -> None:
+    """Write frames (T, H, W, 3) in [-1, 1] to a TensorBoard SummaryWriter as an animated GIF image.
+
+    SummaryWriter.add_video needs moviepy's removed 1.x API; a GIF in an image summary is what it wrote
+    and TensorBoard plays it in the Images tab. Pillow comes with torchvision.
+    """
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    T, H, W, _ = frames.shape
+    pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    images = [Image.fromarray(f) for f in pixels]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    image = Summary.Image(height=H, width=W, colorspace=3, encoded_image_string=buffer.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
 class LitAutoencoder(L.LightningModule):
     """Wires an Autoencoder to its loss, optimizer, metrics and TensorBoard videos."""
 
@@ -227,7 +247,7 @@ class LitAutoencoder(L.LightningModule):
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         g_loss = -functional_call(self.discriminator, frozen, (recon,)).mean()
         weight = torch.tensor(self.hparams.disc_weight, device=recon.device)
-        last = self.vae.last_layer() if hasattr(self.vae, "last_layer") else None
+        last = self.vae.last_layer()
         if last is not None and torch.is_grad_enabled():
             g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
             g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
@@ -274,14 +294,14 @@ class LitAutoencoder(L.LightningModule):
             self._log_videos("val", batch["video"], recon)
 
     def _log_videos(self, stage: str, video: torch.Tensor, recon: torch.Tensor, n: int = 4) -> None:
-        """Input | reconstruction side by side, to TensorBoard only (other loggers have no video API)."""
+        """Input | reconstruction side by side, as animated GIFs in TensorBoard (other loggers: skipped)."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
         if not isinstance(self.logger, TensorBoardLogger):
             return
         pair = torch.cat([video[:n], recon[:n].detach().clamp(-1, 1)], dim=-1).float()  # (n, 3, T, H, 2W)
-        frames = rearrange((pair + 1) / 2, "b c t h w -> b t c h w").cpu()
-        self.logger.experiment.add_video(f"{stage}/input|reconstruction", frames, self.global_step, fps=8)
+        grid = rearrange(pair, "b c t h w -> t (b h) w c")  # stacked vertically: (T, n*H, 2W, 3)
+        add_gif(self.logger.experiment, f"{stage}/input|reconstruction", grid, self.global_step)
 
     def on_train_end(self) -> None:
         """Measure latent shift/scale on the training data so later stages read ~N(0, 1) latents."""

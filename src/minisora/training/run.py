@@ -151,3 +151,70 @@ def load_or_train_vae(cfg: DictConfig):
     vae = load_autoencoder(path)
     say(f"autoencoder: {path}")
     return vae
+
+
+# ---- diffusion transformer -------------------------------------------------------------------
+def build_dit(cfg: DictConfig, latent_channels: int, text_dim: int):
+    """VideoDiT from cfg.model; input channels and text width come from the autoencoder and text encoder."""
+    from minisora.models.dit import VideoDiT
+
+    args = kwargs(cfg.model)
+    for key, value in (("in_channels", latent_channels), ("text_dim", text_dim)):
+        if args.get(key) != value:
+            say(f"model.{key} = {value} (from the {'autoencoder' if key == 'in_channels' else 'text encoder'})")
+            args[key] = value
+    return VideoDiT(**args)
+
+
+def describe_dit(cfg: DictConfig, model, vae, lit) -> str:
+    T, H, W = cfg.data.num_frames, cfg.data.height, cfg.data.width
+    C, t, h, w = vae.latent_shape(T, H, W)
+    tokens = model.tokens(t, h, w)
+    pt, ph, pw = model.patch_size
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return (
+        f"DiT: {model.num_parameters() / 1e6:.2f} M parameters ({model.layout} attention, {len(model.blocks)} blocks, "
+        f"width {model.hidden_size}); clip 3x{T}x{H}x{W} -> latent {C}x{t}x{h}x{w} -> {tokens} tokens of "
+        f"{C * pt * ph * pw} values; device {dev}, precision {precision(cfg.trainer.precision)}, "
+        f"optimizer {lit.optimizer_name}, prediction {lit.prediction}"
+    )
+
+
+def train_dit(cfg: DictConfig, vae) -> Path:
+    """Cache latents (once) and train (or resume) the DiT; returns the run folder."""
+    from minisora.data.datamodule import VideoDataModule
+    from minisora.data.latents import LatentDataModule
+    from minisora.models.text import TextEncoder
+    from minisora.training.sampling import SampleVideos
+    from minisora.training.lit_dit import LitVideoDiT
+
+    folder = run_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    text = TextEncoder(**kwargs(cfg.text))
+    video = VideoDataModule(**kwargs(cfg.data))
+    latents = LatentDataModule(video, vae, text, **kwargs(cfg.latents))
+    model = build_dit(cfg, vae.latent_channels, text.dim)
+    null, null_mask = text.null_embedding()
+    lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], **kwargs(cfg.dit_train))
+    say(describe_dit(cfg, model, vae, lit))
+    sampler = SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))
+    trainer = build_trainer(cfg.trainer, folder, [sampler], tag="dit")
+    resume = last_checkpoint(folder)
+    if resume:
+        say(f"resuming from {resume}")
+    t0 = time.time()
+    trainer.fit(lit, datamodule=latents, ckpt_path=str(resume) if resume else None)
+    say(f"DiT trained to step {trainer.global_step} in {time.time() - t0:.0f} s; checkpoints in {folder / 'checkpoints'}")
+    return folder
+
+
+def run_pipeline(cfg: DictConfig) -> None:
+    """The embedded default: data -> VAE -> latent cache -> DiT -> samples (+ shapes scores)."""
+    t0 = time.time()
+    folder = run_dir(cfg)
+    save_config(cfg, folder / "config.yaml")
+    say(f"run folder: {folder} (resolved config in {folder / 'config.yaml'})")
+    ensure_data(cfg)
+    vae = load_or_train_vae(cfg)
+    train_dit(cfg, vae)
+    say(f"pipeline finished in {time.time() - t0:.0f} s; TensorBoard: tensorboard --logdir {folder / 'logs'}")

@@ -1,0 +1,179 @@
+"""VideoDataModule: clips from a manifest or folder, a deterministic train/val split, seeded loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import defaultdict
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from minisora.data.clips import CROPS, SHORT_POLICIES, ClipDataset
+from minisora.data.sources import FORMATS, ClipRecord, load_records, short_list
+
+NUM_CHECKED = 8  # clips decoded at setup to fail fast when none is usable (~0.1 s each at 640x360)
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Stack videos to (B, 3, T, H, W); captions and paths stay lists, labels a LongTensor, skips concatenated."""
+    return {
+        "video": torch.stack([it["video"] for it in items]),  # (B, 3, T, H, W)
+        "caption": [it["caption"] for it in items],
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "path": [it["path"] for it in items],
+        "skipped": [s for it in items for s in it["skipped"]],
+    }
+
+
+def _source_root(path: str) -> str:
+    path = os.path.abspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def split_records(
+    records: list[ClipRecord], val_fraction: float, seed: int, root: str
+) -> tuple[list[ClipRecord], list[ClipRecord]]:
+    """(train, val) holding out about val_fraction of the records, whole files at a time.
+
+    Files are ranked by a hash of (seed, path relative to root): the split depends on neither the
+    record order nor the folder the data was moved to, clips cut from one video never straddle
+    train and val, and files added later rarely move an existing val file into train.
+    """
+    if val_fraction <= 0 or len(records) < 2:
+        return list(records), []
+    by_file: dict[str, list[ClipRecord]] = defaultdict(list)
+    for r in records:
+        by_file[r.path].append(r)
+    if len(by_file) < 2:
+        warnings.warn(f"{root}: all records come from one file; no validation split (set val_path)", stacklevel=2)
+        return list(records), []
+
+    def rank(path: str) -> bytes:
+        return hashlib.blake2b(f"{seed}\0{os.path.relpath(path, root)}".encode(), digest_size=8).digest()
+
+    n_val = max(1, round(val_fraction * len(records)))
+    val_files: set[str] = set()
+    taken = 0
+    for path in sorted(by_file, key=rank):
+        if taken >= n_val or len(val_files) == len(by_file) - 1:  # keep at least one train file
+            break
+        val_files.add(path)
+        taken += len(by_file[path])
+    return [r for r in records if r.path not in val_files], [r for r in records if r.path in val_files]
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Clips of `num_frames` at height x width with captions, from a manifest or folder (see sources.py).
+
+    val_path, when given, is the validation source and val_fraction is ignored. Errors in the source
+    surface in setup(), which also decodes a few clips and fails fast when none is usable.
+    """
+
+    def __init__(
+        self,
+        path: str = "data/shapes/manifest.csv",
+        format: str = "auto",
+        num_frames: int = 17,
+        height: int = 32,
+        width: int = 32,
+        frame_stride: int = 1,
+        fps: float | None = None,
+        crop: str = "random",
+        flip: bool = False,
+        short_policy: str = "skip",
+        max_upscale: float = 4.0,
+        val_fraction: float = 0.05,
+        val_path: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        persistent_workers: bool = True,
+        pin_memory: bool = True,
+        timeout: float = 120.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("format", format, FORMATS),
+            ("crop", crop, CROPS),
+            ("short_policy", short_policy, SHORT_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if batch_size < 1 or num_workers < 0 or timeout < 0:
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= 0, timeout >= 0; got {batch_size}, {num_workers}, {timeout}"
+            )
+        self.save_hyperparameters()
+        self.path, self.format, self.val_path = path, format, val_path
+        self.val_fraction, self.seed = val_fraction, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.persistent_workers, self.pin_memory, self.timeout = persistent_workers, pin_memory, timeout
+        self.clip_args = {
+            "num_frames": num_frames, "height": height, "width": width, "frame_stride": frame_stride, "fps": fps,
+            "crop": crop, "flip": flip, "short_policy": short_policy, "max_upscale": max_upscale, "seed": seed,
+        }  # fmt: skip
+        self.train_set: ClipDataset | None = None
+        self.val_set: ClipDataset | None = None
+        # One generator for every train loader this module makes: same seed -> same batches, and a
+        # reloaded loader continues the sequence instead of repeating epoch 0.
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        records, skipped = load_records(self.path, self.format)
+        if self.val_path:
+            train, (val, val_skipped) = records, load_records(self.val_path, self.format)
+            skipped += val_skipped
+        else:
+            train, val = split_records(records, self.val_fraction, self.seed, _source_root(self.path))
+        self.train_set = ClipDataset(train, train=True, source=self.path, **self.clip_args)
+        self.val_set = (
+            ClipDataset(val, train=False, source=self.val_path or self.path, **self.clip_args) if val else None
+        )
+        # Decode a few clips now (in the main process; forked workers inherit what was learned) so a
+        # source that is entirely unreadable, too short or too small fails here, not in a worker.
+        usable, failures = self.train_set.check(NUM_CHECKED)
+        if usable == 0:
+            raise RuntimeError(
+                f"{self.path}: none of the {len(failures)} clips checked is usable: "
+                f"{short_list([f'{p}: {why}' for p, why in failures])}"
+            )
+        a = self.clip_args
+        rank_zero_info(
+            f"VideoDataModule: {len(train)} train / {len(val)} val clips from {self.path}"
+            f"{f' and {self.val_path}' if self.val_path else ''} ({len(skipped)} rows skipped); "
+            f"{a['num_frames']} frames at {a['height']}x{a['width']}, "
+            + (f"{a['fps']:g} fps" if a["fps"] else f"stride {a['frame_stride']}")
+            + f"; {usable}/{usable + len(failures)} checked clips readable"
+        )
+
+    def _loader(self, dataset: ClipDataset, train: bool) -> DataLoader:
+        workers = self.num_workers > 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=self._generator if train else None,
+            num_workers=self.num_workers,
+            collate_fn=collate_clips,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers,
+            timeout=self.timeout if workers else 0,  # a hung decoder surfaces as an error, not a silent stall
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.train_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []

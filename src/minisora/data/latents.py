@@ -1,0 +1,302 @@
+"""Latent cache: encode clips once through the autoencoder and text encoder, then train the DiT from disk.
+
+Layout of one cache folder (`<cache_root>/<key>/`), written to a temporary folder and renamed when
+complete, so a killed run never leaves a half cache behind:
+  index.json               key, fingerprints, shapes, captions, shard list, skipped files
+  captions.safetensors     context (K, L, D) float16 and context_mask (K, L) per distinct caption
+  shard-00000.safetensors  latents (N, C, t, h, w) float16, caption (N,) index into captions, label (N,)
+The key hashes the data options, the autoencoder (config and weights) and the text encoder, so a
+change to any of them makes a new cache instead of silently reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from minisora.data.clips import ClipDataset
+from minisora.data.datamodule import VideoDataModule, collate_clips
+from minisora.data.sources import load_records
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+# Loader settings that do not change what is encoded, so they stay out of the cache key.
+NOT_IN_KEY = {"batch_size", "num_workers", "persistent_workers", "pin_memory", "timeout", "val_fraction", "val_path"}
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights and buffers: two modules with equal tensors share it."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(data_options: dict[str, Any], vae_id: str, text_id: str) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "data": data_options, "vae": vae_id, "text": text_id}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_cache(
+    batches: Iterable[dict[str, Any]],
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    out: str | Path,
+    *,
+    key: str,
+    meta: dict[str, Any] | None = None,
+    shard_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Encode video batches (dicts with video, caption, label) into a cache folder; returns it."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    captions: dict[str, int] = {}
+    shard: dict[str, list[torch.Tensor]] = {"latents": [], "caption": [], "label": []}
+    shards: list[str] = []
+    skipped: dict[str, str] = {}
+    count, latent_shape, start = 0, None, time.time()
+
+    def flush() -> None:
+        if not shard["latents"]:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file({k: torch.cat(v) for k, v in shard.items()}, str(tmp / name))
+        shards.append(name)
+        for v in shard.values():
+            v.clear()
+
+    vae = vae.to(device).eval()
+    for batch in batches:
+        for path, reason in batch.get("skipped", []):
+            skipped[path] = reason
+        video = batch["video"].to(device)  # (B, 3, T, H, W)
+        z = vae.encode(video).float().cpu()  # (B, C, t, h, w), normalised
+        latent_shape = list(z.shape[1:])
+        idx = [captions.setdefault(c, len(captions)) for c in batch["caption"]]
+        shard["latents"].append(z.to(torch.float16))
+        shard["caption"].append(torch.tensor(idx, dtype=torch.long))
+        shard["label"].append(torch.as_tensor(batch["label"], dtype=torch.long).reshape(-1))
+        count += z.shape[0]
+        if sum(x.shape[0] for x in shard["latents"]) >= shard_size:
+            flush()
+    flush()
+    if count == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"latent cache {out}: the dataset produced no clips to encode")
+
+    texts = list(captions)
+    embs, masks = [], []
+    for i in range(0, len(texts), 256):
+        e, m = text_encoder(texts[i : i + 256])  # (k, L, D), (k, L)
+        embs.append(e.float().cpu().to(torch.float16))
+        masks.append(m.cpu())
+    save_file({"context": torch.cat(embs), "context_mask": torch.cat(masks)}, str(tmp / "captions.safetensors"))
+    index = {
+        "key": key,
+        "version": CACHE_VERSION,
+        "count": count,
+        "latent_shape": latent_shape,
+        "captions": texts,
+        "shards": shards,
+        "skipped": skipped,
+        "seconds": round(time.time() - start, 1),
+        **(meta or {}),
+    }
+    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the cache appears complete or not at all
+    return out
+
+
+def is_complete(folder: str | Path, key: str | None = None) -> bool:
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        return False
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return False
+    if key is not None and meta.get("key") != key:
+        return False
+    return all((Path(folder) / s).is_file() for s in meta.get("shards", []))
+
+
+class LatentDataset(Dataset):
+    """Cached latents with their caption embeddings; items are dicts ready for LitVideoDiT."""
+
+    def __init__(self, folder: str | Path, indices: list[int] | None = None):
+        folder = Path(folder)
+        if not is_complete(folder):
+            raise FileNotFoundError(f"no complete latent cache in {folder} (run `minisora cache` or `minisora train`)")
+        self.meta = json.loads((folder / "index.json").read_text())
+        parts = [load_file(str(folder / s)) for s in self.meta["shards"]]
+        self.latents = torch.cat([p["latents"] for p in parts])  # (N, C, t, h, w) float16
+        self.caption = torch.cat([p["caption"] for p in parts])  # (N,)
+        self.label = torch.cat([p["label"] for p in parts])  # (N,)
+        text = load_file(str(folder / "captions.safetensors"))
+        self.context, self.context_mask = text["context"], text["context_mask"]  # (K, L, D), (K, L)
+        self.captions: list[str] = self.meta["captions"]
+        self.indices = list(range(len(self.latents))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = self.indices[i]
+        k = int(self.caption[j])
+        return {
+            "latents": self.latents[j].float(),
+            "context": self.context[k].float(),
+            "context_mask": self.context_mask[k],
+            "label": int(self.label[j]),
+            "caption": self.captions[k],
+        }
+
+
+def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "latents": torch.stack([it["latents"] for it in items]),  # (B, C, t, h, w)
+        "context": torch.stack([it["context"] for it in items]),  # (B, L, D)
+        "context_mask": torch.stack([it["context_mask"] for it in items]),  # (B, L)
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),  # (B,)
+        "caption": [it["caption"] for it in items],
+    }
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A deterministic train/val split of n items."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if val_fraction > 0 and n > 1 else 0
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_latents,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """Changes when the manifest's bytes or a folder's file list (names, sizes, times) change."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(path.read_bytes())
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Trains from the latent cache; prepare_data() builds the cache once (rank 0) when it is missing or stale.
+
+    `video` says which clips to encode (its path, clip size and sampling options are part of the cache
+    key); every record is encoded `clips_per_video` times (random positions when > 1), and the train/val
+    split is made here, on the cached clips.
+    """
+
+    def __init__(
+        self,
+        video: VideoDataModule,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        cache_root: str = "runs/cache",
+        clips_per_video: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.05,
+        encode_batch_size: int = 16,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if clips_per_video < 1 or batch_size < 1 or encode_batch_size < 1:
+            raise ValueError("clips_per_video, batch_size and encode_batch_size must be >= 1")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.video, self.vae, self.text_encoder = video, vae, text_encoder
+        self.cache_root, self.clips_per_video = Path(cache_root), clips_per_video
+        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        self.encode_batch_size, self.seed = encode_batch_size, seed
+        self.train_set: LatentDataset | None = None
+        self.val_set: LatentDataset | None = None
+        self._key: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            options = {k: v for k, v in self.video.hparams.items() if k not in NOT_IN_KEY}
+            options["clips_per_video"] = self.clips_per_video
+            options["source"] = source_fingerprint(self.video.path)
+            self._key = cache_key(options, fingerprint(self.vae), fingerprint(self.text_encoder))
+        return self._key
+
+    @property
+    def folder(self) -> Path:
+        return self.cache_root / self.key
+
+    def prepare_data(self) -> None:
+        """Encode every clip once (Lightning calls this on one process per node)."""
+        if is_complete(self.folder, self.key):
+            return
+        records, skipped = load_records(self.video.path, self.video.format)
+        dataset = ClipDataset(
+            records * self.clips_per_video, train=self.clips_per_video > 1, source=self.video.path, **self.video.clip_args
+        )
+        loader = DataLoader(
+            dataset, batch_size=self.encode_batch_size, num_workers=self.video.num_workers,
+            collate_fn=collate_clips, timeout=self.video.timeout if self.video.num_workers else 0,
+        )  # fmt: skip
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.time()
+        build_cache(loader, self.vae, self.text_encoder, self.folder, key=self.key, device=device,
+                    meta={"source": self.video.path, "rows_skipped": len(skipped)})  # fmt: skip
+        self.vae.cpu()
+        rank_zero_info(f"latent cache: {len(dataset)} clips encoded into {self.folder} in {time.time() - t0:.0f} s")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        full = LatentDataset(self.folder)
+        train, val = split_indices(len(full), self.val_fraction, self.seed)
+        self.train_set = LatentDataset(self.folder, train)
+        self.val_set = LatentDataset(self.folder, val) if val else None
+        meta = full.meta
+        C, t, h, w = meta["latent_shape"]
+        rank_zero_info(
+            f"LatentDataModule: {len(train)} train / {len(val)} val clips of latent {C}x{t}x{h}x{w}, "
+            f"{len(meta['captions'])} distinct captions, {len(meta['skipped'])} files skipped while caching"
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return make_loader(self.val_set, self.batch_size, False, self.num_workers, self.seed)

@@ -1,0 +1,126 @@
+"""SampleVideos: sample fixed prompts from the EMA model during and after training; score shapes prompts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from minisora.io import save_video
+from minisora.pipeline import TextToVideoPipeline
+
+
+def slug(prompt: str, limit: int = 60) -> str:
+    """A file-name-safe version of a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return s[:limit].rstrip("-") or "empty"
+
+
+def film_strip(frames: np.ndarray, max_frames: int = 9) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> (H, n*W, 3): up to max_frames evenly spaced frames side by side."""
+    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    return np.concatenate(list(frames[idx]), axis=1)
+
+
+def shapes_eval(pipe: TextToVideoPipeline, out: Path, *, samples_per_prompt: int, fps: float, **kw) -> dict:
+    """Sample every shapes prompt (train and held-out), score them, write mp4s and eval.json; return metrics."""
+    from minisora.data.shapes import heldout_prompts, train_prompts
+    from minisora.eval.shapes import evaluate
+
+    prompts = [p for p in train_prompts() + heldout_prompts() for _ in range(samples_per_prompt)]
+    seeds = [kw.pop("seed", 0) + i for i in range(len(prompts))]
+    videos: list[np.ndarray] = []
+    for i in range(0, len(prompts), 64):
+        videos += pipe(prompts[i : i + 64], seed=seeds[i : i + 64], **kw)
+    report = evaluate(videos, prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    for j, (p, v) in enumerate(zip(prompts, videos)):
+        if j % samples_per_prompt == 0:
+            save_video(v, out / f"{slug(p)}.mp4", fps=fps)
+    held, train = report.split(heldout=True), report.split(heldout=False)
+    metrics = {
+        "train/color_accuracy": train.color_accuracy,
+        "train/direction_accuracy": train.direction_accuracy,
+        "heldout/color_accuracy": held.color_accuracy,
+        "heldout/direction_accuracy": held.direction_accuracy,
+        "all/color_accuracy": report.color_accuracy,
+        "all/direction_accuracy": report.direction_accuracy,
+        "samples": len(prompts),
+    }
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    (out / "eval.txt").write_text(report.format() + "\n")
+    return metrics
+
+
+class SampleVideos(L.Callback):
+    """Every `every_n_steps` and at the end: sample `prompts` with the EMA weights and a fixed seed.
+
+    Videos go to `<folder>/step-XXXXXX/*.mp4` and to TensorBoard. With `shapes_eval`, the end of training
+    also samples every shapes prompt (train and held-out) and logs the evaluator's accuracies.
+    """
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        folder: str | Path,
+        every_n_steps: int = 500,
+        prompts: list[str] | None = None,
+        steps: int = 25,
+        guidance: float = 4.0,
+        sampler: str = "euler",
+        seed: int = 0,
+        fps: float = 8,
+        shapes_eval: bool = False,
+        samples_per_prompt: int = 1,
+    ):
+        self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
+        self.every_n_steps, self.prompts = every_n_steps, list(prompts or [])
+        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler)
+        self.seed, self.fps = seed, fps
+        self.shapes_eval, self.samples_per_prompt = shapes_eval, samples_per_prompt
+        self.metrics: dict | None = None
+
+    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TextToVideoPipeline:
+        clip = trainer.datamodule.video.clip_args  # sample at the training clip size
+        T, H, W = clip["num_frames"], clip["height"], clip["width"]
+        self.vae.to(pl_module.device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(pl_module.device)
+        return TextToVideoPipeline(
+            pl_module.ema_model, self.vae, self.text_encoder, prediction=pl_module.prediction,
+            t_shift=pl_module.t_shift, num_frames=T, height=H, width=W, fps=self.fps,
+        )  # fmt: skip
+
+    @rank_zero_only
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        pipe = self.pipeline(trainer, pl_module)
+        step = trainer.global_step
+        out = self.folder / f"step-{step:06d}"
+        if self.prompts:
+            videos = pipe(self.prompts, seed=self.seed, **self.kw)
+            tb = getattr(trainer.logger, "experiment", None)
+            for i, (p, v) in enumerate(zip(self.prompts, videos)):
+                save_video(v, out / f"{slug(p)}.mp4", fps=self.fps)
+                if tb is not None and hasattr(tb, "add_image"):
+                    # A strip of frames: TensorBoard's add_video would need moviepy, a heavy extra dependency.
+                    tb.add_image(f"samples/{slug(p)}", film_strip(v), step, dataformats="HWC")
+        if final and self.shapes_eval:
+            self.metrics = shapes_eval(pipe, self.folder / "final", samples_per_prompt=self.samples_per_prompt,
+                                       fps=self.fps, seed=self.seed, **self.kw)  # fmt: skip
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"shapes/{k}": v for k, v in self.metrics.items()}, step=step)
+        self.vae.cpu()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step < trainer.max_steps:
+            self._sample(trainer, pl_module, final=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sample(trainer, pl_module, final=True)

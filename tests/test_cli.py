@@ -1,0 +1,81 @@
+"""The `minisora` command as a user runs it: make-shapes, config, error messages, a tiny end-to-end train."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minisora.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A whole pipeline small enough for a CPU test: 24 clips, a few VAE and DiT steps, tiny models.
+TINY = [
+    "shapes.num=24",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "vae.base_channels=8",
+    "vae_trainer.max_steps=4",
+    "vae_trainer.enable_progress_bar=false",
+    "vae_train.latent_stats_batches=2",
+    "text.width=32",
+    "text.layers=1",
+    "text.heads=1",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "latents.batch_size=4",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.checkpoint_every=3",
+    "trainer.enable_progress_bar=false",
+    "sample.every_n_steps=3",
+    "sample.steps=2",
+    "sample.shapes_eval=true",
+]
+
+
+def test_make_shapes_command(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["make-shapes", "--out", str(out), "--num", "6", "--seed", "3"]) == 0
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 6 and all((out / r["path"]).is_file() for r in rows)
+
+
+def test_config_command_prints_resolved_values(capsys):
+    assert main(["config", "--config", str(ROOT / "configs/shapes.yaml"), "trainer.max_steps=123"]) == 0
+    assert "max_steps: 123" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  heigth: 32\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "minisora.cli", "config", "--config", str(bad)], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "bad.yaml" in r.stderr and "data.heigth" in r.stderr
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_train_writes_checkpoints_videos_and_scores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config", str(ROOT / "configs/shapes.yaml"), "name=tiny", "data.path=data/shapes/manifest.csv"]
+    assert main(args + TINY) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "config.yaml").is_file()
+    assert (run / "vae" / "vae.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    videos = sorted((run / "samples").rglob("*.mp4"))
+    assert any(v.parent.name == "step-000003" for v in videos)
+    metrics = json.loads((run / "samples" / "final" / "eval.json").read_text())
+    assert metrics["samples"] == 84 and 0.0 <= metrics["all/color_accuracy"] <= 1.0
+    # Running the same command again resumes: the global step continues instead of restarting.
+    assert main(args + TINY[:-6] + ["trainer.max_steps=8", "trainer.enable_progress_bar=false",
+                                    "sample.every_n_steps=0", "sample.steps=2"]) == 0
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
+    assert "step-000008.ckpt" in ckpts or (run / "checkpoints" / "last.ckpt").is_file()
