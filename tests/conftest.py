@@ -142,3 +142,12 @@ def shared_videos() -> Path:
     if not (SHARED_VIDEOS / "manifest.csv").is_file():
         pytest.skip(f"../shared/videos not found at {SHARED_VIDEOS} (real test videos live outside the repository)")
     return SHARED_VIDEOS
+
+
+def pytest_configure(config):
+    """One torch thread for the suite: tiny models gain nothing from two, and on a shared 2-core
+    machine two spinning OpenMP threads per process made steps 10-100x slower (measured).
+    MINISORA_TEST_THREADS overrides."""
+    import os
+
+    torch.set_num_threads(int(os.environ.get("MINISORA_TEST_THREADS", "1")))

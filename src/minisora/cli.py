@@ -49,12 +49,46 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors(command: str, fn, args: argparse.Namespace) -> int:
+    """Run a sample/export command; bad input (a ValueError naming the file or option) is one line, exit code 2."""
+    from minisora.sample import plain_warnings
+
+    try:
+        with plain_warnings(command):
+            fn(args)
+    except ValueError as e:  # CheckpointError, SampleError, MediaError, ConfigError and the pipeline's checks
+        print(f"minisora {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from minisora.sample import run_sample
+
+    return _user_errors("sample", run_sample, args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from minisora.sample import run_export
+
+    return _user_errors("export", run_export, args)
+
+
+BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample"}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    module = {"data": "minisora.bench.data"}.get(args.what)
+    if args.what == "all":  # every benchmark with the same extra arguments (e.g. --quick)
+        for name in BENCHMARKS:
+            print(f"## minisora bench {name}", flush=True)
+            sys.argv = [BENCHMARKS[name], *args.rest]
+            runpy.run_module(BENCHMARKS[name], run_name="__main__")
+        return 0
+    module = BENCHMARKS.get(args.what)
     if module is None:
-        print(f"unknown benchmark {args.what!r}; choose from: data", file=sys.stderr)
+        print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     sys.argv = [module, *args.rest]
     runpy.run_module(module, run_name="__main__")
@@ -86,8 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("bench", help="benchmarks: data")
-    p.add_argument("what", help="which benchmark: data")
+    from minisora.sample import add_export_args, add_sample_args
+
+    p = sub.add_parser("sample", help="sample videos from a checkpoint, run folder or exported folder")
+    add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a checkpoint to safetensors + config.yaml (no Lightning, no pickle)")
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="benchmarks: data, train, sample, all")
+    p.add_argument("what", help="which benchmark: data, train, sample, or all")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser

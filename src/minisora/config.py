@@ -100,6 +100,7 @@ def schema() -> type:
         ("run_dir", str, field(default="runs")),
         ("seed", int, field(default=0)),
         ("vae_weights", str | None, field(default=None)),  # a trained autoencoder file; None: train one in the run
+        ("init_from", str | None, field(default=None)),  # DiT weights to start a fine-tune from (weights only)
         ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
         ("vae_trainer", TrainerConfig, field(default_factory=TrainerConfig)),
     ]

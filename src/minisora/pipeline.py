@@ -1,20 +1,112 @@
-"""TextToVideoPipeline: prompt -> text embedding -> guided ODE sampling over the DiT -> VAE decode -> frames."""
+"""TextToVideoPipeline: prompt -> text embedding -> guided ODE sampling over the DiT -> VAE decode -> frames.
+
+    pipe = TextToVideoPipeline.from_pretrained("runs/shapes", device="cuda", dtype="bf16")
+    video = pipe("a red circle moving left", num_frames=17, steps=25, guidance=4.0, seed=0)  # uint8 (T, H, W, 3)
+    save_video(video, "out.mp4", fps=pipe.fps)
+
+Image-to-video and continuation reuse a text-to-video model: the first K frames are encoded and their
+latent frames are held on the straight path x_t = (1 - t) z + t * noise at every step, with their exact
+velocity, while the model fills in the rest (`keep_known`). The causal VAE makes this exact: latent frame
+j depends only on frames <= kt*j, so K = 1 + kt*m known frames give m + 1 whole latent frames.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from minisora import diffusion
-from minisora.io import to_uint8_frames
+from minisora.io import probe, read_clip, to_uint8_frames
 
+# Output pixels per VAE decode call: one 17x256x256 clip, or 64 shapes clips (17x32x32) at once.
+DECODE_PIXELS = 17 * 256 * 256
 SAMPLERS = {"euler": diffusion.sample_euler, "heun": diffusion.sample_heun}
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
+    return DTYPE_NAMES[dtype]
+
+
+def round_to(value: int, multiple: int, offset: int = 0) -> int:
+    """The nearest offset + k * multiple (halves round up), at least offset + multiple when offset is 0."""
+    k = max(int((value - offset) / multiple + 0.5), 0 if offset else 1)
+    return offset + k * multiple
+
+
+def fit_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (K, h, w, 3) -> (K, height, width, 3): scale to cover, then centre crop (aspect ratio kept)."""
+    _, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    x = rearrange(torch.from_numpy(np.ascontiguousarray(frames)).float(), "k h w c -> k c h w")
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)  # (K, 3, nh, nw)
+    y0, x0 = (nh - height) // 2, (nw - width) // 2
+    x = x[:, :, y0 : y0 + height, x0 : x0 + width]
+    return rearrange(x.round().clamp(0, 255).to(torch.uint8), "k c h w -> k h w c").numpy()
+
+
+def load_frames(source: str | Path | np.ndarray | torch.Tensor, num: int, height: int, width: int) -> np.ndarray:
+    """The first `num` frames of an image/video file or array, fitted to height x width: uint8 (num, H, W, 3)."""
+    if isinstance(source, (str, Path)):
+        info = probe(source)
+        if info.num_frames < num:
+            raise ValueError(f"{source} has {info.num_frames} frame(s), {num} are to be kept")
+        frames = read_clip(source, num)  # reads only the frames it keeps
+    else:
+        frames = source.cpu().numpy() if torch.is_tensor(source) else np.asarray(source)
+        if frames.ndim == 3:  # one (H, W, 3) image
+            frames = frames[None]
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 (H, W, 3) or (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if len(frames) < num:
+        raise ValueError(f"{source if isinstance(source, (str, Path)) else 'the video'} has {len(frames)} frames, "
+                         f"{num} are to be kept")  # fmt: skip
+    return fit_frames(frames[:num], height, width)
+
+
+def keep_known(model: Callable, known: torch.Tensor, noise: torch.Tensor) -> Callable:
+    """Velocity callable whose first k latent frames follow the straight path from `noise` to `known` exactly.
+
+    Before each call the known frames are replaced by (1 - t) * known + t * noise (the clean latents noised
+    to the current t with the sample's own noise), and their velocity by the exact noise - known, so any
+    sampler lands on `known` at t = 0 while the model sees consistent noise levels everywhere.
+    """
+    k = known.shape[2]
+    noise_k = noise[:, :, :k]
+
+    def f(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        tb = t.reshape(-1, 1, 1, 1, 1).to(x.dtype)
+        x = torch.cat([(1 - tb) * known + tb * noise_k, x[:, :, k:]], dim=2)  # (B, C, t, h, w)
+        v = model(x, t, **cond)
+        return torch.cat([(noise_k - known).expand_as(v[:, :, :k]), v[:, :, k:]], dim=2)  # (B, C, t, h, w)
+
+    return f
 
 
 class TextToVideoPipeline:
-    """Everything needed to sample: the (EMA) DiT, the autoencoder and the text encoder."""
+    """Everything needed to sample: the (EMA) DiT, the autoencoder and the text encoder.
+
+    With `offload`, the text encoder and the autoencoder stay on the CPU and visit the DiT's device only
+    while they run, so at peak the GPU holds the DiT and either the sampling activations or the decoder.
+    """
 
     def __init__(
         self,
@@ -28,33 +120,165 @@ class TextToVideoPipeline:
         height: int = 32,
         width: int = 32,
         fps: float = 8,
+        offload: bool = False,
+        config: dict[str, Any] | None = None,
     ):
         self.model, self.vae, self.text_encoder = model.eval(), vae.eval(), text_encoder
         self.prediction, self.t_shift = prediction, t_shift
         self.defaults = dict(num_frames=num_frames, height=height, width=width)
-        self.fps = fps
+        self.fps, self.offload = fps, offload
+        self.config = config or {}  # the run config when loaded from a checkpoint
+        self.checkpoint: Path | None = None  # the file the weights came from (from_pretrained)
+        self.weights = "ema"  # which weights the DiT holds: "ema" or "raw"
 
+    # ---- loading and saving ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        ema: bool = True,
+        offload: bool = False,
+    ) -> TextToVideoPipeline:
+        """Load a Lightning checkpoint, a run folder (its newest checkpoint) or an exported folder.
+
+        dtype applies to the DiT (default float32; "bf16" halves its memory); the autoencoder and text
+        encoder run in float32. ema=False takes the raw training weights of a Lightning checkpoint.
+        """
+        from minisora.checkpoint import check_state_dict, dit_args, load_checkpoint
+        from minisora.models.autoencoder import load_autoencoder
+        from minisora.models.dit import VideoDiT
+        from minisora.models.text import TextEncoder
+
+        ckpt = load_checkpoint(path, ema=ema)
+        cfg = ckpt.config
+        vae = load_autoencoder(ckpt.vae_path)
+        condition = cfg["model"].get("condition", "text")
+        text = TextEncoder(**cfg.get("text", {})) if condition == "text" else None
+        model = VideoDiT(**dit_args(cfg, vae.latent_channels, text.dim if text is not None else None))
+        check_state_dict(ckpt.state_dict, model, ckpt.source)
+        model.load_state_dict(ckpt.state_dict)
+        model.to(device=device, dtype=resolve_dtype(dtype))
+        if not offload:
+            vae.to(device)
+            if text is not None:
+                text.to(device)
+        data, train, sample = cfg.get("data", {}), cfg.get("dit_train", {}), cfg.get("sample", {})
+        pipe = cls(
+            model, vae, text, prediction=train.get("prediction", "v"), t_shift=train.get("t_shift"),
+            num_frames=data.get("num_frames", 17), height=data.get("height", 32), width=data.get("width", 32),
+            fps=sample.get("fps", 8), offload=offload, config=cfg,
+        )  # fmt: skip
+        pipe.checkpoint, pipe.weights = ckpt.source, ckpt.weights
+        return pipe
+
+    def save_pretrained(self, folder: str | Path, dtype: str = "fp32") -> Path:
+        """Write the folder `from_pretrained` reads: config.yaml, model.safetensors (these weights), vae.safetensors."""
+        from minisora.checkpoint import write_export
+        from minisora.models.autoencoder import save_autoencoder
+
+        if not self.config:
+            raise ValueError("save_pretrained needs the run config; build the pipeline with from_pretrained")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vae_file = save_autoencoder(self.vae, folder / "vae.safetensors")
+        cfg = dict(self.config)
+        cfg["model"] = {**cfg["model"], "in_channels": self.model.in_channels}
+        if self.text_encoder is not None:
+            cfg["model"]["text_dim"] = self.text_encoder.dim
+        return write_export(folder, cfg, self.model.state_dict(), vae_file, self.weights, dtype, None)
+
+    # ---- sizes -----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return tuple(self.vae.latent_shape(num_frames, height, width))
 
-    def _condition(self, prompts: list[str] | None, labels: list[int] | None) -> tuple[dict, dict]:
-        condition = self.model.condition
-        device = self.device
-        if condition == "text":
-            emb, mask = self.text_encoder(prompts)  # (B, L, D), (B, L)
-            null, null_mask = self.text_encoder.null_embedding()  # (1, L, D), (1, L)
-            return (
-                {"context": emb.to(device), "context_mask": mask.to(device)},
-                {"context": null.to(device), "context_mask": null_mask.to(device)},
+    def valid_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The nearest (T, H, W) the autoencoder and patch sizes accept, with a warning naming what changed."""
+        kt, s = self.vae.temporal_compression, self.vae.spatial_compression
+        ph, pw = self.model.patch_size[1:]
+        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        out = (
+            round_to(num_frames - 1, kt) + 1 if num_frames > 1 else 1,
+            round_to(height, s * ph),
+            round_to(width, s * pw),
+        )
+        if out != (num_frames, height, width):
+            warnings.warn(
+                f"frames x height x width {num_frames}x{height}x{width} rounded to {out[0]}x{out[1]}x{out[2]}: "
+                f"frames must be 1 + {kt}k (1, {1 + kt}, {1 + 2 * kt}, {1 + 3 * kt}, ...) for the {kt}x temporal "
+                f"compression, height a multiple of {s * ph} and width of {s * pw} (autoencoder {s}x times DiT patch)",
+                stacklevel=3,
             )
+        return out
+
+    def _size(self, num_frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """The requested size, the training clip's size where not given."""
+        d = self.defaults
+        return tuple(
+            d[k] if v is None else v for k, v in zip(("num_frames", "height", "width"), (num_frames, height, width))
+        )
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module | None) -> Iterator[None]:
+        """With offload, move `module` to the DiT's device for the block and back to the CPU after it."""
+        if module is None or not self.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.cpu()
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _condition(self, prompts: list[str] | None, labels: list[int] | None) -> tuple[dict, dict]:
+        condition, device = self.model.condition, self.device
+        if condition == "text":
+            with self._on_device(self.text_encoder):
+                emb, mask = self.text_encoder(prompts)  # (B, L, D), (B, L)
+                null, null_mask = self.text_encoder.null_embedding()  # (1, L, D), (1, L)
+                return (
+                    {"context": emb.to(device), "context_mask": mask.to(device)},
+                    {"context": null.to(device), "context_mask": null_mask.to(device)},
+                )
         if condition == "class":
             y = torch.as_tensor(labels, dtype=torch.long, device=device)
             return {"labels": y}, {"labels": torch.full_like(y, self.model.num_classes)}
         return {}, {}
+
+    def _network(self) -> Callable:
+        """The DiT as a float32-in, float32-out callable, whatever dtype its weights are in."""
+        dtype = self.dtype
+        if dtype == torch.float32:
+            return self.model
+        return lambda x, t, **cond: self.model(x.to(dtype), t, **cond).float()
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (K, H, W, 3), K = 1 + kt*m -> normalised latents (1, C, 1 + m, h, w) on the DiT's device."""
+        video = rearrange(torch.from_numpy(np.ascontiguousarray(frames)), "t h w c -> 1 c t h w").float() / 127.5 - 1
+        with self._on_device(self.vae):
+            vae_device = next(self.vae.parameters()).device
+            return self.vae.encode(video.to(vae_device)).to(self.device)
+
+    def _noise(self, shape: tuple, seeds: list[int] | None, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """(B, *shape) noise; item i comes from its own seed or generator, so batching never changes it."""
+        if generators is not None:
+            return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(self.device)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
+            self.device
+        )
 
     @torch.no_grad()
     def sample_latents(
@@ -70,47 +294,168 @@ class TextToVideoPipeline:
         guidance: float = 4.0,
         sampler: str = "euler",
         seed: int | Sequence[int] = 0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        known: torch.Tensor | None = None,
         batched_cfg: bool = True,
         callback: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
-        """Normalised latents (B, C, t, h, w); noise for item i comes from its own seed, so a batch never changes it."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        """Normalised latents (B, C, t, h, w); `known` (1 or B, C, k, h, w) latents are kept as the first k frames."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if guidance < 1:
-            raise ValueError(f"guidance (cfg scale) must be >= 1, got {guidance}")
+            raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
         B = len(prompts) if prompts is not None else len(labels) if labels is not None else (num or 1)
-        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
+        generators = None
+        if generator is not None:
+            generators = [generator] * B if isinstance(generator, torch.Generator) else list(generator)
+            if len(generators) != B:
+                raise ValueError(f"got {len(generators)} generators for {B} prompts")
+        seeds = [seed + i for i in range(B)] if isinstance(seed, (int, np.integer)) else list(seed)
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
         if any(s < 0 for s in seeds):
             raise ValueError(f"seeds must be >= 0, got {seeds}")
-        T = num_frames or self.defaults["num_frames"]
-        H = height or self.defaults["height"]
-        W = width or self.defaults["width"]
+        T, H, W = self.valid_size(*self._size(num_frames, height, width))
         shape = self.latent_shape(T, H, W)
-        device = self.device
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        ).to(device)  # (B, C, t, h, w)
-        cond, uncond = self._condition(list(prompts) if prompts is not None else None, list(labels) if labels else None)
-        v_model = diffusion.velocity_model(self.model, self.prediction)
+        noise = self._noise(shape, seeds, generators)  # (B, C, t, h, w)
+        cond, uncond = self._condition(list(prompts) if prompts is not None else None,
+                                       list(labels) if labels is not None else None)  # fmt: skip
+        v_model = diffusion.velocity_model(self._network(), self.prediction)
         guided = diffusion.cfg_model(v_model, guidance, cond, uncond, batched=batched_cfg) if cond else v_model
+        if known is not None:
+            if known.shape[1] != shape[0] or known.shape[3:] != noise.shape[3:] or known.shape[2] >= shape[1]:
+                raise ValueError(f"known latents {tuple(known.shape)} do not fit the sample's latents {shape} "
+                                 f"(same channels and size, fewer frames)")  # fmt: skip
+            guided = keep_known(guided, known.to(noise), noise)
         shift = self.t_shift if self.t_shift is not None else diffusion.resolution_shift(self.model.tokens(*shape[1:]))
-        ts = diffusion.timesteps(steps, shift, device=device)
-        return SAMPLERS[sampler](guided, noise, ts, callback=callback)
+        ts = diffusion.timesteps(steps, shift, device=self.device)
+        x = SAMPLERS[sampler](guided, noise, ts, callback=callback)
+        if known is not None:  # exact, not merely within float rounding of the path's end
+            x[:, :, : known.shape[2]] = known
+        return x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """Normalised latents -> list of uint8 (T, H, W, 3) frames."""
-        vae_device = next(self.vae.parameters()).device
-        videos = self.vae.decode(latents.to(vae_device).float())  # (B, 3, T, H, W)
-        return [to_uint8_frames(v.cpu()) for v in videos]
+        """Normalised latents -> list of uint8 (T, H, W, 3).
 
-    def __call__(self, prompt: str | Sequence[str], **kwargs) -> np.ndarray | list[np.ndarray]:
-        """Generate uint8 (T, H, W, 3) frames for a prompt (a list of them for a list of prompts)."""
+        Videos are decoded a few at a time (at most DECODE_PIXELS output pixels per call, so memory stays
+        bounded), and the VAE tiles space and chunks time above its own limits.
+        """
+        B, _, t, h, w = latents.shape
+        T, H, W = (
+            (t - 1) * self.vae.temporal_compression + 1,
+            h * self.vae.spatial_compression,
+            w * self.vae.spatial_compression,
+        )
+        per_call = max(1, DECODE_PIXELS // (T * H * W))
+        videos = []
+        with self._on_device(self.vae):
+            vae_device = next(self.vae.parameters()).device
+            for i in range(0, B, per_call):
+                decoded = self.vae.decode(latents[i : i + per_call].to(vae_device).float())  # (b, 3, T, H, W)
+                videos += [to_uint8_frames(v.cpu()) for v in decoded]
+        return videos
+
+    # ---- the call --------------------------------------------------------------------------------
+    def conditioning_frames(
+        self,
+        image: Any = None,
+        video: Any = None,
+        keep_frames: int | None = None,
+        num_frames: int = 17,
+        height: int = 32,
+        width: int = 32,
+    ) -> np.ndarray | None:
+        """The frames to keep, uint8 (K, H, W, 3): one image, or the first K = 1 + kt*m frames of a video."""
+        if image is not None and video is not None:
+            raise ValueError("give image (image-to-video) or video (continuation), not both")
+        if image is None and video is None:
+            if keep_frames is not None:
+                raise ValueError("keep_frames needs a video to keep frames from")
+            return None
+        kt = self.vae.temporal_compression
+        K = 1 if image is not None else (keep_frames if keep_frames is not None else 1 + kt)
+        if not isinstance(K, (int, np.integer)) or K < 1:
+            raise ValueError(f"keep_frames must be a positive integer, got {K!r}")
+        if (K - 1) % kt:
+            rounded = 1 + (K - 1) // kt * kt
+            valid = f"1 + {kt}k (1, {1 + kt}, {1 + 2 * kt}, ...)"
+            warnings.warn(f"keep_frames={K} rounded down to {rounded}: kept frames must be {valid} for the {kt}x "
+                          f"temporal compression", stacklevel=3)  # fmt: skip
+            K = rounded
+        if K >= num_frames:
+            raise ValueError(f"keep_frames={K} leaves nothing to generate in {num_frames} frames; ask for more frames")
+        return load_frames(image if image is not None else video, K, height, width)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | Sequence[int] = 0,
+        batch_size: int | None = None,
+        image: Any = None,
+        video: Any = None,
+        keep_frames: int | None = None,
+        progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Generate uint8 (T, H, W, 3) frames for a prompt (a list of them for a list of prompts).
+
+        Other keywords: steps, guidance, sampler ("euler" | "heun"), generator (one per prompt), batched_cfg,
+        labels (class-conditioned models). `image` (a path or uint8 (H, W, 3)) animates an image; `video`
+        (a path or uint8 (T, H, W, 3)) with `keep_frames` continues a clip. `callback(info)` runs after
+        every step with info["i"], ["t"], ["x"], ["denoised"] and ["batch"] (the batch's first prompt index).
+        """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        videos = self.decode(self.sample_latents(prompts, **kwargs))
+        if not prompts:
+            raise ValueError("no prompts given")
+        T, H, W = self.valid_size(*self._size(num_frames, height, width))
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        gens = kwargs.pop("generator", None)
+        if isinstance(gens, torch.Generator):
+            gens = [gens] * len(prompts)
+        labels = kwargs.pop("labels", None)
+        if labels is None and self.model.condition == "class":
+            try:
+                labels = [int(p) for p in prompts]
+            except ValueError:
+                raise ValueError(
+                    f"this model is class-conditioned: prompts must be class indices, got {prompts}"
+                ) from None
+        frames = self.conditioning_frames(image, video, keep_frames, T, H, W)
+        known = self.encode_frames(frames) if frames is not None else None
+        bs = len(prompts) if batch_size is None else batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=kwargs.get("steps", 25) * -(-len(prompts) // bs), desc="sampling", unit="step")
+        latents = []  # all batches are sampled before any is decoded: with offload the VAE visits the GPU once
+        for i in range(0, len(prompts), bs):
+
+            def step(info: dict, first: int = i) -> None:
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    callback({**info, "batch": first})
+
+            latents.append(self.sample_latents(
+                prompts[i : i + bs], labels=labels[i : i + bs] if labels is not None else None, num_frames=T,
+                height=H, width=W, seed=seeds[i : i + bs], generator=gens[i : i + bs] if gens else None,
+                known=known, callback=step, **kwargs,
+            ))  # fmt: skip
+        if bar is not None:
+            bar.close()
+        videos = self.decode(torch.cat(latents))
         return videos[0] if single else videos

@@ -200,8 +200,7 @@ class Upsample(Streamable):
         self.ft, self.fs = time_factor, space_factor
         r = time_factor * space_factor * space_factor
         check_resample("up", in_channels, out_channels, r)
-        import os  # EXPERIMENT ONLY
-        self.conv = CausalConv3d(in_channels, out_channels * r, int(os.environ.get("UPK", "3")))
+        self.conv = CausalConv3d(in_channels, out_channels * r)
         self.repeats = out_channels * r // in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from minisora.eval.metrics import psnr, ssim
 from minisora.models.autoencoder import Autoencoder
 
 OPTIMIZERS = ("adamw8bit", "adamw")
+RECON_LOSSES = ("l1", "mse")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -179,6 +180,7 @@ class LitAutoencoder(L.LightningModule):
         optimizer: str = "adamw8bit",
         lr_schedule: str = "cosine",
         warmup_steps: int = 100,
+        recon_loss: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
         lpips_path: str | None = None,
@@ -193,6 +195,8 @@ class LitAutoencoder(L.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
+        if recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {recon_loss!r}")
         if betas is not None and len(betas) != 2:
             raise ValueError(f"betas must be two floats [beta1, beta2], got {betas}")
         if perceptual_weight > 0 and lpips_path is None:
@@ -257,10 +261,12 @@ class LitAutoencoder(L.LightningModule):
     def _shared_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
         recon, mean, logvar = self.vae(video, sample=stage == "train")
-        rec_loss = F.l1_loss(recon, video)
+        # L1 is the usual choice for long runs with perceptual/GAN terms; on mostly-black shapes clips it sat at
+        # "predict black" (14 dB after 150 steps) where MSE had reached 18.7 dB, so short runs use MSE.
+        rec_loss = F.l1_loss(recon, video) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, video)
         kl = kl_divergence(mean, logvar)
         loss = rec_loss + self.hparams.kl_weight * kl
-        logs = {"l1": rec_loss, "kl": kl}
+        logs = {self.hparams.recon_loss: rec_loss, "kl": kl}
         if self.perceptual is not None:
             logs["perceptual"] = self.perceptual(recon, video)
             loss = loss + self.hparams.perceptual_weight * logs["perceptual"]
@@ -270,9 +276,11 @@ class LitAutoencoder(L.LightningModule):
             d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge loss
             loss = loss + weight * g_loss + d_loss
             logs.update(g_loss=g_loss, d_loss=d_loss, d_weight=weight)
-        with torch.no_grad():
+        with torch.no_grad():  # SSIM only in validation: its Gaussian filtering costs ~10% of a small CPU step
             r = recon.detach().float().clamp(-1, 1)
-            logs.update(psnr=psnr(r, video.float()).mean(), ssim=ssim(r, video.float()).mean())
+            logs["psnr"] = psnr(r, video.float()).mean()
+            if stage != "train":
+                logs["ssim"] = ssim(r, video.float()).mean()
         logs["loss"] = loss
         on_step = stage == "train"
         self.log_dict({f"{stage}/{k}": v.detach() for k, v in logs.items()}, on_step=on_step, on_epoch=not on_step,

@@ -84,7 +84,14 @@ class LitVideoDiT(L.LightningModule):
         self.caption_dropout, self.prediction = caption_dropout, prediction
         self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
         self.compile = compile
-        self.net = torch.compile(model) if compile else model
+        # Held outside the module tree (in a tuple) so checkpoints do not store the weights a second time.
+        self._net = (torch.compile(model) if compile else model,)
+        self.run_config: dict | None = None  # the resolved run config; saved into every checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints describe themselves: the resolved config travels with the weights."""
+        if self.run_config is not None:
+            checkpoint["minisora_config"] = self.run_config
 
     # ---- conditioning -------------------------------------------------------------------------
     def _cond(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -151,6 +158,11 @@ class LitVideoDiT(L.LightningModule):
             opt, lr_lambda(self.warmup_steps, self.schedule, total, self.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network the loss calls: the model, or its torch.compile wrapper."""
+        return self._net[0]
 
     @property
     def ema_model(self) -> VideoDiT:

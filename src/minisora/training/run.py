@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from minisora.config import kwargs, save_config
+from minisora.config import kwargs, save_config, to_plain
 
 log = logging.getLogger("minisora")
 
@@ -194,12 +194,18 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     video = VideoDataModule(**kwargs(cfg.data))
     latents = LatentDataModule(video, vae, text, **kwargs(cfg.latents))
     model = build_dit(cfg, vae.latent_channels, text.dim)
+    resume = last_checkpoint(folder)
+    if cfg.get("init_from") and not resume:  # a rerun resumes its own checkpoint instead
+        from minisora.checkpoint import load_dit_weights
+
+        info = load_dit_weights(cfg.init_from, model)  # before LitVideoDiT: the EMA starts from these weights
+        say(f"initialised the DiT from {cfg.init_from} ({info.get('weights', 'weights')}, step {info.get('step')})")
     null, null_mask = text.null_embedding()
     lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], **kwargs(cfg.dit_train))
+    lit.run_config = to_plain(cfg)
     say(describe_dit(cfg, model, vae, lit))
     sampler = SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))
     trainer = build_trainer(cfg.trainer, folder, [sampler], tag="dit")
-    resume = last_checkpoint(folder)
     if resume:
         say(f"resuming from {resume}")
     t0 = time.time()

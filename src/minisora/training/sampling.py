@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from minisora.io import save_video
 from minisora.pipeline import TextToVideoPipeline
-
-
-def slug(prompt: str, limit: int = 60) -> str:
-    """A file-name-safe version of a prompt."""
-    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return s[:limit].rstrip("-") or "empty"
+from minisora.sample import slug
 
 
 def film_strip(frames: np.ndarray, max_frames: int = 9) -> np.ndarray:
@@ -110,9 +104,15 @@ class SampleVideos(L.Callback):
                 if tb is not None and hasattr(tb, "add_image"):
                     # A strip of frames: TensorBoard's add_video would need moviepy, a heavy extra dependency.
                     tb.add_image(f"samples/{slug(p)}", film_strip(v), step, dataformats="HWC")
-        if final and self.shapes_eval:
-            self.metrics = shapes_eval(pipe, self.folder / "final", samples_per_prompt=self.samples_per_prompt,
+        if self.shapes_eval:  # the accuracy curve shows in TensorBoard; the final one is the run's score
+            where = self.folder / "final" if final else out / "shapes"
+            self.metrics = shapes_eval(pipe, where, samples_per_prompt=self.samples_per_prompt,
                                        fps=self.fps, seed=self.seed, **self.kw)  # fmt: skip
+            pl_module.print(
+                f"step {step}: shapes colour accuracy {self.metrics['train/color_accuracy']:.2f} train / "
+                f"{self.metrics['heldout/color_accuracy']:.2f} held-out, direction "
+                f"{self.metrics['train/direction_accuracy']:.2f} / {self.metrics['heldout/direction_accuracy']:.2f}"
+            )
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"shapes/{k}": v for k, v in self.metrics.items()}, step=step)
         self.vae.cpu()

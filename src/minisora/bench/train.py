@@ -1,0 +1,302 @@
+"""DiT training cost: step time and peak memory per model preset, with and without gradient checkpointing.
+
+    python -m minisora.bench.train [--presets S B] [--frames 17 --height 256 --width 256] [--batch 1]
+                                   [--reps 5] [--precision auto] [--optimizer adamw8bit] [--threads N] [--quick] [--json OUT]
+
+One step is what LitVideoDiT does per batch: rectified-flow loss on random latents of the stated clip size
+(through a 4x temporal / 8x spatial / 16-channel autoencoder: 17x256x256 -> 16x5x32x32 -> 1280 tokens with
+patch 1x2x2) and a CLIP-sized text context, backward, AdamW8bit step. Warm-up steps are excluded; the
+median of --reps steps is reported. Peak memory is the GPU's max_memory_allocated on CUDA, and on CPU the
+peak resident set size sampled during the steps minus the size before the model was built (so it counts
+weights, gradients, optimizer state and activations). Also reported: optimizer state bytes per parameter
+for AdamW8bit and AdamW, counted over the tensors in optimizer.state after one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import psutil
+import torch
+
+from minisora import diffusion
+from minisora.config import kwargs, load_config
+from minisora.models.dit import VideoDiT
+from minisora.training.lit_dit import build_optimizer
+
+# The autoencoder the latent sizes assume (configs/experiments/t2v256.yaml): 4x time, 8x space, 16 channels.
+LATENT_CHANNELS, TEMPORAL, SPATIAL = 16, 4, 8
+# CLIP ViT-L/14 text tower (t2v256): 77 tokens of width 768.
+CONTEXT_LENGTH, TEXT_DIM = 77, 768
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, t, h, w) of a frames x height x width clip through the causal autoencoder."""
+    if (frames - 1) % TEMPORAL or height % SPATIAL or width % SPATIAL:
+        raise ValueError(
+            f"clip {frames}x{height}x{width}: need frames = 1 + {TEMPORAL}k and height, width multiples of {SPATIAL}"
+        )
+    return LATENT_CHANNELS, 1 + (frames - 1) // TEMPORAL, height // SPATIAL, width // SPATIAL
+
+
+def preset(name: str, configs: Path = CONFIGS) -> dict:
+    """Constructor arguments of VideoDiT from configs/model/<name>.yaml (the presets experiments use)."""
+    path = configs / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
+        raise FileNotFoundError(f"no model preset {path}; known presets: {', '.join(known) or 'none'}")
+    args = kwargs(load_config(path).model)
+    args.update(in_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, condition="text")
+    return args
+
+
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc), so the next RSS baseline starts clean."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakRSS:
+    """Samples this process's resident set size every `interval` s in a thread; .peak is the largest seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step(
+    model_args: dict,
+    latent: tuple[int, int, int, int],
+    batch: int,
+    *,
+    grad_checkpointing: bool,
+    device: torch.device,
+    precision: str,
+    reps: int,
+    warmup: int,
+    optimizer: str = "adamw8bit",
+    context_length: int = CONTEXT_LENGTH,
+) -> dict:
+    """Median time of a training step (forward + backward + optimizer step) and the peak memory it needs."""
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = psutil.Process().memory_info().rss
+    torch.manual_seed(0)
+    model = VideoDiT(**{**model_args, "grad_checkpointing": grad_checkpointing}).to(device).train()
+    opt = build_optimizer(list(model.parameters()), optimizer, lr=1e-4, weight_decay=0.0, betas=[0.9, 0.99])
+    C, t, h, w = latent
+    x0 = torch.randn(batch, C, t, h, w, device=device)  # (B, C, t, h, w)
+    context = torch.randn(batch, context_length, model_args["text_dim"], device=device)  # (B, L, D)
+    mask = torch.ones(batch, context_length, dtype=torch.bool, device=device)  # (B, L)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    fwd_bwd, opt_step, total, cpu = [], [], [], []
+    with PeakRSS() as rss:
+        for i in range(warmup + reps):
+            tt = diffusion.sample_t(batch, device=device)  # (B,)
+            noise = torch.randn_like(x0)
+            _sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            with autocast:
+                loss = diffusion.flow_loss(model, x0, tt, noise, context=context, context_mask=mask).mean()
+            loss.backward()
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            t2, c2 = time.perf_counter(), time.process_time()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+            if i >= warmup:
+                fwd_bwd.append(t1 - t0)
+                opt_step.append(t2 - t1)
+                total.append(t2 - t0)
+                cpu.append(c2 - c0)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        peak, kind = rss.peak - rss0, "peak RSS minus RSS before the model"
+    result = {
+        "grad_checkpointing": grad_checkpointing,
+        "step_s": statistics.median(total),
+        "fwd_bwd_s": statistics.median(fwd_bwd),
+        "optimizer_s": statistics.median(opt_step),
+        "steps_s": total,
+        # CPU seconds of this process per step: on a shared machine, with one thread, close to what the
+        # wall time would be on an idle one (the wall time also counts time waiting for a core).
+        "cpu_s": statistics.median(cpu),
+        "peak_mem_mb": peak / 2**20,
+        "mem_kind": kind,
+    }
+    del model, opt, x0, context, loss
+    _trim()
+    return result
+
+
+def optimizer_state_bytes_per_param(model_args: dict, name: str) -> float:
+    """Bytes of every tensor in optimizer.state after one step, divided by the number of parameters."""
+    torch.manual_seed(0)
+    model = VideoDiT(**model_args)
+    params = list(model.parameters())
+    opt = build_optimizer(params, name, lr=1e-4, weight_decay=0.0, betas=[0.9, 0.99])
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    seen: set[int] = set()  # bitsandbytes shares its quantisation maps between parameters: count once
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                total += v.numel() * v.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minisora.bench.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["S", "B"], help="model presets (configs/model/*.yaml)")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per setting (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on a GPU that supports it, else fp32")  # fmt: skip
+    parser.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="for the timed steps")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default). On a loaded machine use 1: two OpenMP "
+                        "threads sharing busy cores made a 0.2 M-parameter AdamW step 140x slower (262 vs 1.9 ms)")  # fmt: skip
+    parser.add_argument("--configs", default=str(CONFIGS), help="folder holding model/<preset>.yaml")
+    parser.add_argument("--quick", action="store_true", help="preset tiny at a tiny latent, 1 rep (for the tests)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.presets, args.frames, args.height, args.width, args.reps, args.warmup = ["tiny"], 5, 32, 32, 1, 1
+    if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 0:
+        parser.error("need --reps >= 1, --warmup >= 0, --batch >= 1, --threads >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    context_length = 8 if args.quick else CONTEXT_LENGTH
+    latent = latent_shape(args.frames, args.height, args.width)
+    configs = Path(args.configs)
+
+    # One untimed step of the tiny preset first: library and allocator set-up would otherwise land in the
+    # first setting's memory (measured: 71 MB for the first tiny run, 9 MB for the second).
+    measure_step(preset("tiny", configs), (LATENT_CHANNELS, 1, 2, 2), 1, grad_checkpointing=False, device=device,
+                 precision=precision, reps=1, warmup=0, context_length=4)  # fmt: skip
+    load_before = os.getloadavg()
+    runs, states = [], []
+    for name in args.presets:
+        model_args = preset(name, configs)
+        probe = VideoDiT(**model_args)
+        params, tokens = probe.num_parameters(), probe.tokens(*latent[1:])
+        del probe
+        for ckpt in (False, True):
+            r = measure_step(model_args, latent, args.batch, grad_checkpointing=ckpt, device=device,
+                             precision=precision, reps=args.reps, warmup=args.warmup, optimizer=args.optimizer,
+                             context_length=context_length)  # fmt: skip
+            runs.append({"preset": name, "params": params, "tokens": tokens, **r})
+            print(f"{name} checkpointing={ckpt}: {r['step_s']:.3f} s/step, peak {r['peak_mem_mb']:.0f} MB", flush=True)
+        states.append({
+            "preset": name,
+            "params": params,
+            "adamw8bit_bytes_per_param": optimizer_state_bytes_per_param(model_args, "adamw8bit"),
+            "adamw_bytes_per_param": optimizer_state_bytes_per_param(model_args, "adamw"),
+        })  # fmt: skip
+    load_after = os.getloadavg()
+
+    C, t, h, w = latent
+    results = {
+        "clip": [args.frames, args.height, args.width],
+        "latent": list(latent),
+        "context": [context_length, TEXT_DIM],
+        "batch": args.batch,
+        "precision": precision,
+        "optimizer": args.optimizer,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+        "runs": runs,
+        "optimizer_state": states,
+    }
+    print(
+        f"\nclip {args.frames}x{args.height}x{args.width} -> latent {C}x{t}x{h}x{w}, batch {args.batch}, "
+        f"text context {context_length}x{TEXT_DIM}, {precision}, {args.optimizer}, {device} "
+        f"({torch.get_num_threads()} threads), median of {args.reps} steps after {args.warmup} warm-up"
+    )
+    print(_table(
+        [[r["preset"], f"{r['params'] / 1e6:.1f} M", str(r["tokens"]), "yes" if r["grad_checkpointing"] else "no",
+          f"{r['step_s']:.3f}", f"{r['fwd_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", f"{r['cpu_s']:.3f}",
+          f"{r['peak_mem_mb']:.0f}"] for r in runs],
+        ["preset", "params", "tokens", "grad ckpt", "step s", "fwd+bwd s", "optimizer s", "CPU s", "peak MB"],
+    ))  # fmt: skip
+    print()
+    print(_table(
+        [[s["preset"], f"{s['adamw8bit_bytes_per_param']:.2f}", f"{s['adamw_bytes_per_param']:.2f}"] for s in states],
+        ["preset", "AdamW8bit state B/param", "AdamW state B/param"],
+    ))  # fmt: skip
+    print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

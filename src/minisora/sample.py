@@ -1,0 +1,216 @@
+"""`minisora sample` and `minisora export`: checkpoints to mp4 files and to shareable folders.
+
+    minisora sample                                   # after `make train`: default prompts from runs/shapes
+    minisora sample --ckpt runs/shapes --prompt "a red circle moving left" --steps 30 --cfg 4 --seed 1 --gif
+    minisora sample --image first.png --prompt "a blue square moving up"       # image-to-video
+    minisora sample --video clip.mp4 --keep-frames 5 --prompt "..."             # continue a clip
+    minisora export --ckpt runs/shapes --out exported/shapes --dtype bf16
+
+Every argument is checked before the model is loaded, and the output folder before any sampling starts.
+Files are named after their prompts and never overwrite an existing file unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_CKPT = "runs/shapes"  # the run `make train` writes
+DEFAULT_OUT = "samples"
+# Used when the checkpoint's config lists no sample prompts; shapes-style, since that is the default run.
+DEFAULT_PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
+
+
+class SampleError(ValueError):
+    """A bad command-line value for sample/export; the message names the option and what is valid."""
+
+
+def slug(prompt: str, limit: int = 60) -> str:
+    """A file-name-safe version of a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return s[:limit].rstrip("-") or "empty"
+
+
+def output_paths(out: Path, prompts: list[str], suffix: str = ".mp4", overwrite: bool = False) -> list[Path]:
+    """One file per prompt named after it; `-2`, `-3`, ... where a name is taken (on disk or earlier in the list)."""
+    taken: set[Path] = set()
+    paths = []
+    for p in prompts:
+        base, n = slug(p), 1
+        path = out / f"{base}{suffix}"
+        while path in taken or (not overwrite and (path.exists() or path.with_suffix(".gif").exists())):
+            n += 1
+            path = out / f"{base}-{n}{suffix}"
+        taken.add(path)
+        paths.append(path)
+    return paths
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a probe file in it, or raise SampleError saying why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SampleError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """--prompt values, then the non-empty, non-# lines of --prompts-file."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SampleError(f"--prompts-file {path}: file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise SampleError(f"--prompts-file {path}: not a UTF-8 text file (one prompt per line)") from None
+        out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not out:
+            raise SampleError(f"--prompts-file {path}: no prompts in it (one per line; # starts a comment)")
+    return out
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject bad values with the option's name, before anything slow happens."""
+    for name in ("steps", "batch_size", "frames", "height", "width", "keep_frames"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.cfg is not None and args.cfg < 1:
+        raise SampleError(f"--cfg must be >= 1 (1 = no guidance, 3-5 is typical), got {args.cfg}")
+    if args.seed < 0:
+        raise SampleError(f"--seed must be >= 0, got {args.seed}")
+    if args.fps is not None and args.fps <= 0:
+        raise SampleError(f"--fps must be > 0, got {args.fps}")
+    if args.image and args.video:
+        raise SampleError("give --image (image-to-video) or --video (continuation), not both")
+    if args.keep_frames is not None and not args.video:
+        raise SampleError("--keep-frames needs --video (the clip whose first frames are kept)")
+    for name in ("image", "video"):
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            raise SampleError(f"--{name} {path}: file not found")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on a GPU that supports it (half the DiT memory), else fp32 (bf16 is slower on most CPUs)."""
+    import torch
+
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str) -> Iterator[None]:
+    """Show warnings (sizes rounded, ...) as one line each instead of Python's file:line format."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda msg, *a, **k: print(f"minisora {command}: warning: {msg}", file=sys.stderr)
+        yield
+
+
+def run_sample(args: argparse.Namespace) -> list[Path]:
+    """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
+    from minisora.io import save_video
+    from minisora.pipeline import TextToVideoPipeline
+
+    validate(args)
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    out = Path(args.out)
+    check_writable(out)
+    ckpt = args.ckpt or DEFAULT_CKPT
+    if args.ckpt is None and not Path(ckpt).exists():
+        raise SampleError(f"no run at {ckpt} (the default of `make train`); train one first or pass --ckpt")
+    device = args.device or default_device()
+    t0 = time.time()
+    pipe = TextToVideoPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype or default_dtype(device),
+                                               ema=not args.raw_weights, offload=args.offload)  # fmt: skip
+    sample_cfg = pipe.config.get("sample", {})
+    prompts = prompts or list(sample_cfg.get("prompts") or DEFAULT_PROMPTS)
+    steps = args.steps or sample_cfg.get("steps", 25)
+    cfg = args.cfg if args.cfg is not None else sample_cfg.get("guidance", 4.0)
+    fps = args.fps or pipe.fps
+    T, H, W = pipe.valid_size(args.frames or pipe.defaults["num_frames"], args.height or pipe.defaults["height"],
+                              args.width or pipe.defaults["width"])  # fmt: skip
+    seeds = f"{args.seed}..{args.seed + len(prompts) - 1}"
+    print(f"minisora sample: {pipe.checkpoint} on {device} ({pipe.dtype}); {len(prompts)} video(s) of {T}x{H}x{W} "
+          f"at {fps:g} fps, {steps} {args.sampler} steps, cfg {cfg:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
+    videos = pipe(
+        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=cfg, sampler=args.sampler, seed=args.seed,
+        batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
+        batched_cfg=not args.no_cfg_batch, progress=True,
+    )  # fmt: skip
+    paths = output_paths(out, prompts, overwrite=args.overwrite)  # named now: files written meanwhile count
+    written = []
+    for prompt, video, path in zip(prompts, videos, paths):
+        written.append(save_video(video, path, fps=fps))
+        if args.gif:
+            written.append(save_video(video, path.with_suffix(".gif"), fps=fps))
+    print(f"minisora sample: {len(videos)} video(s) in {time.time() - t0:.1f} s", file=sys.stderr)
+    for path in written:
+        print(path)
+    return written
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    from minisora.checkpoint import DTYPES, export_checkpoint
+
+    if args.dtype not in DTYPES:
+        raise SampleError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    folder = export_checkpoint(
+        args.ckpt, args.out, ema=not args.raw_weights, dtype=args.dtype, overwrite=args.overwrite
+    )
+    for name in ("config.yaml", "model.safetensors", "vae.safetensors"):
+        print(folder / name)
+    return folder
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", default=None, help=f"run folder, .ckpt file or exported folder (default: {DEFAULT_CKPT})")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's sample prompts")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--frames", type=int, help="number of frames, 1 + 4k (default: the training clip length)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the training height)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the training width)")
+    p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
+    p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--gif", action="store_true", help="also write an animated GIF next to each mp4")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same name instead of numbering")
+    p.add_argument("--image", help="image-to-video: an image to use as the first frame")
+    p.add_argument("--video", help="continuation: a clip whose first --keep-frames frames are kept")
+    p.add_argument("--keep-frames", type=int, help="frames of --video to keep, 1 + 4k (default: 5)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="DiT weights dtype (default: bf16 on GPU, else fp32)"
+    )
+    p.add_argument("--offload", action="store_true", help="keep the text encoder and VAE on the CPU until used")
+    p.add_argument("--no-cfg-batch", action="store_true", help="run cond and uncond as two calls (less memory)")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw training weights instead of the EMA")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="run folder, .ckpt file or exported folder")
+    p.add_argument("--out", required=True, help="folder to write config.yaml, model.safetensors, vae.safetensors")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16 for model.safetensors")
+    p.add_argument("--raw-weights", action="store_true", help="export the raw training weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")

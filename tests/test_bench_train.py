@@ -1,0 +1,45 @@
+"""The training benchmark's --quick mode: runs, writes the JSON it promises, and its figures are sane."""
+
+import json
+import math
+
+import pytest
+
+from minisora.bench import train as bench
+
+
+def test_latent_and_token_count_of_the_default_clip():
+    assert bench.latent_shape(17, 256, 256) == (16, 5, 32, 32)
+    model = bench.VideoDiT(**bench.preset("tiny"))
+    assert model.tokens(5, 32, 32) == 1280  # 5 * 16 * 16 with patch 1x2x2
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        bench.latent_shape(16, 256, 256)
+    with pytest.raises(FileNotFoundError, match="tiny"):  # the message lists the known presets
+        bench.preset("XXL")
+
+
+def test_quick_run_writes_positive_finite_figures(tmp_path, capsys):
+    out = tmp_path / "bench" / "train.json"
+    returned = bench.main(["--quick", "--threads", "1", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert results == json.loads(json.dumps(returned))
+    assert results["clip"] == [5, 32, 32] and results["latent"] == [16, 2, 4, 4] and results["batch"] == 1
+    assert results["precision"] == "fp32" and results["optimizer"] == "adamw8bit" and results["threads"] == 1
+    assert len(results["loadavg_before"]) == 3 and len(results["loadavg_after"]) == 3
+
+    runs = results["runs"]
+    assert [(r["preset"], r["grad_checkpointing"]) for r in runs] == [("tiny", False), ("tiny", True)]
+    for r in runs:
+        assert r["tokens"] == 8 and r["params"] > 0  # 2 x 2 x 2 tokens
+        for key in ("step_s", "fwd_bwd_s", "optimizer_s", "cpu_s", "peak_mem_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["step_s"] == pytest.approx(r["fwd_bwd_s"] + r["optimizer_s"], rel=1e-6)
+        assert len(r["steps_s"]) == 1
+
+    (state,) = results["optimizer_state"]
+    assert state["preset"] == "tiny" and state["params"] == runs[0]["params"]
+    assert state["adamw_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)  # two fp32 moments (+ a step count per tensor)
+    assert 2.0 <= state["adamw8bit_bytes_per_param"] < 2.5  # two uint8 moments + block scales (+ small fp32 tensors)
+
+    printed = capsys.readouterr().out
+    assert "| preset |" in printed and "AdamW8bit state B/param" in printed
