@@ -150,4 +150,6 @@ def pytest_configure(config):
     MINISORA_TEST_THREADS overrides."""
     import os
 
-    torch.set_num_threads(int(os.environ.get("MINISORA_TEST_THREADS", "1")))
+    threads = os.environ.get("MINISORA_TEST_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", threads)  # for subprocesses (CLI runs, notebook kernels)
+    torch.set_num_threads(int(threads))

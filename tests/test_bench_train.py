@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from minisora.bench import train as bench
 
@@ -20,7 +21,11 @@ def test_latent_and_token_count_of_the_default_clip():
 
 def test_quick_run_writes_positive_finite_figures(tmp_path, capsys):
     out = tmp_path / "bench" / "train.json"
-    returned = bench.main(["--quick", "--threads", "1", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        returned = bench.main(["--quick", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
     assert results["clip"] == [5, 32, 32] and results["latent"] == [16, 2, 4, 4] and results["batch"] == 1
@@ -38,7 +43,7 @@ def test_quick_run_writes_positive_finite_figures(tmp_path, capsys):
 
     (state,) = results["optimizer_state"]
     assert state["preset"] == "tiny" and state["params"] == runs[0]["params"]
-    assert state["adamw_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)  # two fp32 moments (+ a step count per tensor)
+    assert state["adamw_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)  # two fp32 moments (+ a step per tensor)
     assert 2.0 <= state["adamw8bit_bytes_per_param"] < 2.5  # two uint8 moments + block scales (+ small fp32 tensors)
 
     printed = capsys.readouterr().out

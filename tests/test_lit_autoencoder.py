@@ -113,11 +113,11 @@ def test_discriminator_phase_trains_both_networks_and_logs_gifs(tmp_path):
 
 
 def test_perceptual_loss_uses_only_a_local_file(tmp_path):
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
-    path = tmp_path / "vgg16.safetensors"
+    path = tmp_path / "vgg16.safetensors"  # random weights with torchvision vgg16's feature names
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in vgg16().state_dict().items() if k.startswith("features.")}, str(path))
+    save_file({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, str(path))
     loss = PerceptualLoss(str(path))
     x = moving_squares(1, T=2, size=32)
     assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)

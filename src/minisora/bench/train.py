@@ -1,15 +1,18 @@
 """DiT training cost: step time and peak memory per model preset, with and without gradient checkpointing.
 
-    python -m minisora.bench.train [--presets S B] [--frames 17 --height 256 --width 256] [--batch 1]
-                                   [--reps 5] [--precision auto] [--optimizer adamw8bit] [--threads N] [--quick] [--json OUT]
+    python -m minisora.bench.train [--presets S B] [--frames 17 --height 256 --width 256] [--batch 1] [--reps 5]
+        [--precision auto] [--optimizer adamw8bit] [--threads N] [--quick] [--json OUT]
 
 One step is what LitVideoDiT does per batch: rectified-flow loss on random latents of the stated clip size
 (through a 4x temporal / 8x spatial / 16-channel autoencoder: 17x256x256 -> 16x5x32x32 -> 1280 tokens with
-patch 1x2x2) and a CLIP-sized text context, backward, AdamW8bit step. Warm-up steps are excluded; the
-median of --reps steps is reported. Peak memory is the GPU's max_memory_allocated on CUDA, and on CPU the
-peak resident set size sampled during the steps minus the size before the model was built (so it counts
-weights, gradients, optimizer state and activations). Also reported: optimizer state bytes per parameter
-for AdamW8bit and AdamW, counted over the tensors in optimizer.state after one step.
+patch 1x2x2) and a CLIP ViT-L/14-sized text context (77 x 768), backward, optimizer step (AdamW8bit unless
+--optimizer adamw). Warm-up steps are excluded; the median of --reps steps is reported, with the process's
+CPU seconds per step beside the wall time (on a shared machine the CPU time is the steadier figure). Peak
+memory is max_memory_allocated on CUDA; on CPU it is the peak resident set size sampled during the steps
+minus the size before the model was built, so it counts weights, gradients, optimizer state and
+activations (checked against ru_maxrss in a fresh process: 604 vs 677 MB, the difference being one-time
+library set-up, which a priming step now absorbs). Also reported: optimizer state bytes per parameter for
+AdamW8bit and AdamW, counted over the distinct tensors in optimizer.state after one step.
 """
 
 from __future__ import annotations
@@ -209,9 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto: bf16 autocast on a GPU that supports it, else fp32")  # fmt: skip
     parser.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="for the timed steps")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (0: torch's default). On a loaded machine use 1: two OpenMP "
-                        "threads sharing busy cores made a 0.2 M-parameter AdamW step 140x slower (262 vs 1.9 ms)")  # fmt: skip
+    # On a loaded machine use 1: two OpenMP threads sharing busy cores made a 0.2 M-parameter AdamW step 140x
+    # slower here (262 vs 1.9 ms, load average 5.3 on 2 cores).
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--configs", default=str(CONFIGS), help="folder holding model/<preset>.yaml")
     parser.add_argument("--quick", action="store_true", help="preset tiny at a tiny latent, 1 rep (for the tests)")
     parser.add_argument("--json", help="also write the results here")
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "optimizer": args.optimizer,
         "reps": args.reps,
         "warmup": args.warmup,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

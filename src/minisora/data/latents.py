@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from minisora.data.clips import ClipDataset
 from minisora.data.datamodule import VideoDataModule, collate_clips
@@ -187,16 +187,38 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
+class EpochSampler(Sampler):
+    """Shuffles by (seed, epoch), keeping its own epoch count; `start` resumes mid-epoch.
+
+    The epoch count is the sampler's own (incremented per pass) because Lightning's set_epoch can be
+    off by one after a restore. A run resumed mid-epoch sets `epoch` and `start` from the global step,
+    and the first pass is rotated to begin at `start`: Lightning stops the restarted epoch after its
+    remaining batches, so training continues with the very batch the interrupted run would have drawn.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        start, self.start = self.start, 0
+        self.epoch += 1
+        return iter(order[start:] + order[:start])
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=min(batch_size, len(dataset)),
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), seed) if shuffle else None,
         drop_last=shuffle and len(dataset) >= batch_size,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate_latents,
-        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -253,7 +275,9 @@ class LatentDataModule(L.LightningDataModule):
             options = {k: v for k, v in self.video.hparams.items() if k not in NOT_IN_KEY}
             options["clips_per_video"] = self.clips_per_video
             options["source"] = source_fingerprint(self.video.path)
-            self._key = cache_key(options, fingerprint(self.vae), fingerprint(self.text_encoder))
+            # context_length changes the embeddings' shape without changing a pretrained tower's weights.
+            text_id = f"{fingerprint(self.text_encoder)}:{getattr(self.text_encoder, 'context_length', None)}"
+            self._key = cache_key(options, fingerprint(self.vae), text_id)
         return self._key
 
     @property
@@ -294,7 +318,14 @@ class LatentDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed)
+        loader = make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed)
+        trainer = self.trainer  # set by Lightning when this module is attached to a fit
+        if trainer is not None and trainer.global_step > 0:  # resuming: continue where the last run stopped
+            per_epoch = len(loader)
+            done = trainer.global_step * trainer.accumulate_grad_batches
+            loader.sampler.epoch, k = divmod(done, per_epoch)
+            loader.sampler.start = k * loader.batch_size
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

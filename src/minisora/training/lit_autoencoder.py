@@ -41,10 +41,10 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         state = _load_state(path)
-        self.features = vgg16().features[: self.LAYERS[-1] + 1]
+        self.features = make_layers(cfgs["D"])[: self.LAYERS[-1] + 1]  # vgg16().features without the 120M classifier
         feats = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         feats = {k: v for k, v in feats.items() if int(k.split(".")[0]) <= self.LAYERS[-1]}
         try:
@@ -239,7 +239,8 @@ class LitAutoencoder(L.LightningModule):
         self.print(
             f"autoencoder {type(self.vae).__name__}: {n_vae / 1e6:.2f}M parameters (+{n_disc / 1e6:.2f}M discriminator), "
             f"{self.vae.temporal_compression}x temporal x {self.vae.spatial_compression}x spatial, "
-            f"{self.vae.latent_channels} latent channels, optimizer {self.hparams.optimizer}"
+            f"{self.vae.latent_channels} latent channels; optimizer {self.hparams.optimizer}, "
+            f"device {self.device}, precision {self.trainer.precision}"
         )
 
     def _disc_active(self) -> bool:
@@ -282,11 +283,9 @@ class LitAutoencoder(L.LightningModule):
             if stage != "train":
                 logs["ssim"] = ssim(r, video.float()).mean()
         logs["loss"] = loss
-        on_step = stage == "train"
-        self.log_dict({f"{stage}/{k}": v.detach() for k, v in logs.items()}, on_step=on_step, on_epoch=not on_step,
-                      prog_bar=False, batch_size=video.shape[0])  # fmt: skip
-        self.log(f"{stage}/psnr_bar", logs["psnr"], prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                 batch_size=video.shape[0], logger=False)  # fmt: skip
+        for name, value in logs.items():  # per step in training, averaged over the epoch in validation
+            self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "psnr", on_step=stage == "train",
+                     on_epoch=stage != "train", batch_size=video.shape[0])  # fmt: skip
         return loss, recon
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

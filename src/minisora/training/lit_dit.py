@@ -13,6 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from minisora import diffusion
 from minisora.models.dit import VideoDiT
 
+OPTIMIZERS = ("adamw8bit", "adamw")
 T_BUCKETS = 4  # loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
 
 
@@ -63,12 +64,15 @@ class LitVideoDiT(L.LightningModule):
         t_std: float = 1.0,
         t_shift: float | None = None,  # None: shift from the token count (resolution_shift)
         compile: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if prediction not in ("v", "x0"):
             raise ValueError(f"prediction must be 'v' or 'x0', got {prediction!r}")
         if schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.model = model
@@ -83,7 +87,7 @@ class LitVideoDiT(L.LightningModule):
         self.optimizer_name, self.warmup_steps, self.schedule, self.min_lr_ratio = optimizer, warmup_steps, schedule, min_lr_ratio
         self.caption_dropout, self.prediction = caption_dropout, prediction
         self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
-        self.compile = compile
+        self.compile, self.seed = compile, seed
         # Held outside the module tree (in a tuple) so checkpoints do not store the weights a second time.
         self._net = (torch.compile(model) if compile else model,)
         self.run_config: dict | None = None  # the resolved run config; saved into every checkpoint
@@ -120,12 +124,15 @@ class LitVideoDiT(L.LightningModule):
         x0 = batch["latents"]  # (B, C, T, H, W)
         B = x0.shape[0]
         train = stage == "train"
-        # Validation draws the same t and noise every time, so val/loss curves compare like with like.
-        gen = None if train else torch.Generator(device=x0.device).manual_seed(1234 + batch_idx)
+        # t, noise and caption dropout come from a generator seeded by (seed, step, rank), not the global RNG,
+        # so a resumed run draws exactly what an uninterrupted one would; validation draws the same every
+        # time, so val/loss curves compare like with like.
+        key = (self.seed, self.global_step, self.global_rank) if train else (self.seed, -1 - batch_idx, 0)
+        gen = torch.Generator(device=x0.device).manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         t = diffusion.sample_t(B, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
                                shift=self._shift(x0))  # (B,)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
-        drop = (torch.rand(B, device=x0.device) < self.caption_dropout) if train else None
+        drop = (torch.rand(B, generator=gen, device=x0.device) < self.caption_dropout) if train else None
         losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
         loss = losses.mean()
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=not train)
@@ -142,7 +149,10 @@ class LitVideoDiT(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val", batch_idx)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step (not per micro-batch), and before callbacks' on_train_batch_end, so a
+        # step-N checkpoint holds the EMA of step N.
         self.ema.update_parameters(self.model)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
