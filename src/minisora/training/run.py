@@ -226,6 +226,14 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     t0 = time.time()
     trainer.fit(lit, datamodule=latents, ckpt_path=str(resume) if resume else None)
     say(f"DiT trained to step {trainer.global_step} in {time.time() - t0:.0f} s; checkpoints in {folder / 'checkpoints'}")
+    say(f"samples: {folder / 'samples'}")
+    if sampler.metrics:
+        m = sampler.metrics
+        say(
+            f"shapes score ({folder / 'samples' / 'final' / 'eval.txt'}): colour accuracy {m['train/color_accuracy']:.2f} "
+            f"on training prompts, {m['heldout/color_accuracy']:.2f} held-out; direction accuracy "
+            f"{m['train/direction_accuracy']:.2f} / {m['heldout/direction_accuracy']:.2f}"
+        )
     return folder
 
 
