@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics (PSNR, SSIM) and the shapes evaluator."""

@@ -1,0 +1,1 @@
+"""LightningModules and training glue: they wire a network to its objective, optimizer and logging."""
