@@ -1,1 +1,0 @@
-"""Evaluation: reconstruction metrics (PSNR, SSIM) and the shapes evaluator."""

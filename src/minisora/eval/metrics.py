@@ -13,9 +13,7 @@ from einops import rearrange
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape or x.ndim != 5:
-        raise ValueError(
-            f"expected two (B, C, T, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
+        raise ValueError(f"expected two (B, C, T, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -31,9 +29,7 @@ def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Ten
     return g / g.sum()
 
 
-def ssim(
-    x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5
-) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) per video, (B,): Gaussian 11x11 window per frame and channel.
 
     Frames smaller than the window use the largest odd window that fits; only fully covered positions count.

@@ -80,8 +80,7 @@ class Autoencoder(nn.Module):
     def check_latents(self, latents: torch.Tensor) -> None:
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels or not latents.is_floating_point():
             raise ValueError(
-                f"expected float latents (B, {self.latent_channels}, t, h, w), "
-                f"got {tuple(latents.shape)} {latents.dtype}"
+                f"expected float latents (B, {self.latent_channels}, t, h, w), got {tuple(latents.shape)} {latents.dtype}"
             )
 
     def encode_raw(self, video: torch.Tensor, sample: bool = False, tiled: bool | None = None) -> torch.Tensor:
@@ -180,8 +179,7 @@ class Decoder(nn.Module):
         c = channels[-1]
         self.conv_in = CausalConv3d(latent, c)
         self.repeats = c // latent if c % latent == 0 else 0
-        mid = [FrameAttention(c, norm), ResBlock(c, norm)] if attention else []
-        layers: list[nn.Module] = [ResBlock(c, norm), *mid]
+        layers: list[nn.Module] = [ResBlock(c, norm)] + ([FrameAttention(c, norm), ResBlock(c, norm)] if attention else [])
         for (c_out, c_in), (ft, fs) in reversed(list(zip(zip(channels[:-1], channels[1:]), factors))):
             layers += [Upsample(c_in, c_out, ft, fs)] + [ResBlock(c_out, norm) for _ in range(blocks)]
         self.body = nn.Sequential(*layers)
@@ -233,23 +231,17 @@ class VideoVAE(Autoencoder):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if num_res_blocks < 0 or base_channels < 1:
-            raise ValueError(
-                f"num_res_blocks must be >= 0 and base_channels >= 1, got {num_res_blocks} and {base_channels}"
-            )
+            raise ValueError(f"num_res_blocks must be >= 0 and base_channels >= 1, got {num_res_blocks}, {base_channels}")
         s, kt = spatial_compression, temporal_compression
         if patch_size not in (1, 2, 4) or patch_size > s:
-            raise ValueError(
-                f"patch_size must be one of 1, 2, 4 and at most spatial_compression ({s}), got {patch_size}"
-            )
+            raise ValueError(f"patch_size must be one of 1, 2, 4 and at most spatial_compression ({s}), got {patch_size}")
         if tile_size % s or tile_overlap % s or not 0 <= tile_overlap < tile_size:
             raise ValueError(
                 f"tile_size ({tile_size}) and tile_overlap ({tile_overlap}) must be multiples of spatial_compression "
                 f"({s}) with 0 <= tile_overlap < tile_size"
             )
         if chunk_frames < kt or chunk_frames % kt:
-            raise ValueError(
-                f"chunk_frames must be a positive multiple of temporal_compression ({kt}), got {chunk_frames}"
-            )
+            raise ValueError(f"chunk_frames must be a positive multiple of temporal_compression ({kt}), got {chunk_frames}")
         # Spatial halvings on the first levels, temporal halvings on the last (deepest, cheapest) ones.
         ns, nt = _log2(s // patch_size), _log2(kt)
         levels = max(ns, nt)
@@ -292,8 +284,7 @@ class VideoVAE(Autoencoder):
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if temporal:
-                chunk = cfg["chunk_frames"]
-                return chunked_causal(self._posterior_mean, self.encoder, x, 1 + chunk, chunk)
+                return chunked_causal(self._posterior_mean, self.encoder, x, 1 + cfg["chunk_frames"], cfg["chunk_frames"])
             return self._posterior_mean(x)
 
         if sample:  # sampling needs the log-variance too; it is only used in training-sized calls

@@ -89,7 +89,7 @@ class FrameGroupNorm(nn.GroupNorm):
         return rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=T)
 
 
-NORMS = ("rms", "group")
+NORMS = ("rms", "group", "none")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -97,6 +97,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return ChannelRMSNorm(channels)
     if kind == "group":
         return FrameGroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels, eps=1e-6)
+    if kind == "none":
+        return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -184,8 +186,7 @@ class Downsample(Streamable):
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.ft - 1, -1, -1), x], dim=2)
         self.started = self.streaming
         main = space_time_to_channel(self.conv(x), self.ft, self.fs)  # (B, C_out, T/ft, H/fs, W/fs)
-        folded = space_time_to_channel(x, self.ft, self.fs)  # (B, C_in*r, T/ft, H/fs, W/fs)
-        shortcut = reduce(folded, "b (c g) t h w -> b c t h w", "mean", g=self.group)
+        shortcut = reduce(space_time_to_channel(x, self.ft, self.fs), "b (c g) t h w -> b c t h w", "mean", g=self.group)
         return main + shortcut
 
 

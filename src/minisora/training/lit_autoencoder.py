@@ -109,18 +109,6 @@ class PatchDiscriminator(nn.Module):
         return self.net(video)  # (B, 1, T, H/2^layers, W/2^layers)
 
 
-def bounded_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-    """recon - video, except that overshooting a target that sits at the range bound (-1 or 1) costs nothing.
-
-    Decoded videos are clamped to [-1, 1] before anyone sees them, so a black pixel decoded as -1.3 is perfect.
-    Unlike a loss on recon.clamp(-1, 1), a pixel clamped on the wrong side still gets a gradient. On shapes
-    clips (black background, saturated colours) this lifted held-out PSNR from 24.3 to 28.7 dB at step 400.
-    """
-    err = recon - video
-    err = torch.where(video <= -1, err.clamp(min=0), err)
-    return torch.where(video >= 1, err.clamp(max=0), err)
-
-
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over latent elements."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -249,8 +237,7 @@ class LitAutoencoder(L.LightningModule):
         n_vae = sum(p.numel() for p in self.vae.parameters())
         n_disc = sum(p.numel() for p in self.discriminator.parameters()) if self.discriminator is not None else 0
         self.print(
-            f"autoencoder {type(self.vae).__name__}: {n_vae / 1e6:.2f}M parameters "
-            f"(+{n_disc / 1e6:.2f}M discriminator), "
+            f"autoencoder {type(self.vae).__name__}: {n_vae / 1e6:.2f}M parameters (+{n_disc / 1e6:.2f}M discriminator), "
             f"{self.vae.temporal_compression}x temporal x {self.vae.spatial_compression}x spatial, "
             f"{self.vae.latent_channels} latent channels; optimizer {self.hparams.optimizer}, "
             f"device {self.device}, precision {self.trainer.precision}"
@@ -277,8 +264,7 @@ class LitAutoencoder(L.LightningModule):
         recon, mean, logvar = self.vae(video, sample=stage == "train")
         # L1 is the usual choice for long runs with perceptual/GAN terms; on mostly-black shapes clips it sat at
         # "predict black" (14 dB after 150 steps) where MSE had reached 18.7 dB, so short runs use MSE.
-        err = bounded_error(recon, video)
-        rec_loss = err.abs().mean() if self.hparams.recon_loss == "l1" else err.pow(2).mean()
+        rec_loss = F.l1_loss(recon, video) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, video)
         kl = kl_divergence(mean, logvar)
         loss = rec_loss + self.hparams.kl_weight * kl
         logs = {self.hparams.recon_loss: rec_loss, "kl": kl}

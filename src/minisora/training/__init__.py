@@ -1,1 +1,0 @@
-"""LightningModules and training glue: they wire a network to its objective, optimizer and logging."""
