@@ -109,7 +109,7 @@ def train_vae(cfg: DictConfig) -> Path:
     from minisora.data.datamodule import VideoDataModule
     from minisora.models.autoencoder import VideoVAE
     from minisora.training.callbacks import SkippedFilesLogger
-    from minisora.training.lit_autoencoder import LitAutoencoder, estimate_latent_stats
+    from minisora.training.lit_autoencoder import LitAutoencoder
 
     L.seed_everything(cfg.seed, workers=True)
     ensure_data(cfg)
@@ -132,7 +132,7 @@ def train_vae(cfg: DictConfig) -> Path:
     t0 = time.time()
     trainer.fit(lit, datamodule=data, ckpt_path=str(resume) if resume else None)
     say(f"VAE trained in {time.time() - t0:.0f} s")
-    estimate_latent_stats(vae, data.train_dataloader(), max_batches=cfg.vae_train.latent_stats_batches)
+    # LitAutoencoder.on_train_end has stored the latent shift/scale in the VAE's buffers.
     out = vae_path(cfg) if not cfg.get("vae_weights") else folder / "vae.safetensors"
     vae.save_pretrained(out)
     say(f"VAE saved to {out} (latent shift {vae.shift.mean():.3f}, scale {vae.scale.mean():.3f} on average)")
