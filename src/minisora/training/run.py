@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import logging
 import time
 from pathlib import Path
@@ -21,7 +21,7 @@ log = logging.getLogger("minisora")
 
 def say(msg: str) -> None:
     """Progress a user needs to trust a run; printed (rank 0 only) so it shows next to Lightning's output."""
-    if int(__import__("os").environ.get("LOCAL_RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"[minisora] {msg}", flush=True)
 
 
