@@ -168,7 +168,7 @@ def test_load_reports_config_weight_mismatch(tmp_path):
     tensors.pop("decoder.conv_in.conv.bias")
     tensors["extra.weight"] = torch.zeros(1)
     save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(ValueError, match=r"missing \(1\): decoder.conv_in.conv.bias") as err:
+    with pytest.raises(ValueError, match=r"missing in file \(1\): decoder.conv_in.conv.bias") as err:
         load_autoencoder(bad)
     assert "unexpected (1): extra.weight" in str(err.value)
     save_file({"x": torch.zeros(1)}, str(bad))

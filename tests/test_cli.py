@@ -22,6 +22,7 @@ TINY = [o for o in TINY_RUN if not o.startswith(("name=", "sample.", "trainer.ma
     "sample.every_n_steps=3",
     "sample.steps=2",
     "sample.shapes_eval=true",
+    "sample.samples_per_prompt=1",
 ]
 
 
@@ -62,7 +63,8 @@ def test_tiny_end_to_end_train_writes_checkpoints_videos_and_scores(tmp_path, mo
     metrics = json.loads((run / "samples" / "final" / "eval.json").read_text())
     assert metrics["samples"] == 84 and 0.0 <= metrics["all/color_accuracy"] <= 1.0
     # Running the same command again resumes: the global step continues instead of restarting.
-    assert main(args + TINY[:-5] + ["trainer.max_steps=8", "sample.every_n_steps=0", "sample.steps=2"]) == 0
+    same_data = [o for o in TINY if not o.startswith(("trainer.max_steps", "sample."))]
+    assert main(args + same_data + ["trainer.max_steps=8", "sample.every_n_steps=0", "sample.steps=2"]) == 0
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8  # continued from step 6, not restarted
     assert last["minisora_config"]["name"] == "tiny"  # the checkpoint describes itself

@@ -159,9 +159,9 @@ def test_factorized_attention_groups():
     assert not torch.allclose(a[:, :, 0, 2:4, 2:4], b[:, :, 0, 2:4, 2:4], atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["full", "factorized"])
-def test_context_mask_masks(layout):
-    model = tiny(layout=layout).eval()
+@pytest.mark.parametrize("layout,pooled_text", [("full", False), ("factorized", False), ("full", True)])
+def test_context_mask_masks(layout, pooled_text):
+    model = tiny(layout=layout, pooled_text=pooled_text).eval()
     perturb_zero_init(model)
     x, t = torch.randn(2, C, 2, 4, 4), torch.rand(2)
     cond = cond_for("text", 2)  # sample 0 has real tokens 0..2 only
@@ -198,7 +198,8 @@ def test_class_labels_matter_and_none_is_null():
 
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_gradient_reaches_every_parameter(condition):
-    model = tiny(layout="factorized", condition=condition)
+    model = tiny(layout="factorized", condition=condition, pooled_text=condition == "text")
+    assert (model.text_pool is not None) == (condition == "text")  # pooled text needs text
     perturb_zero_init(model)
     x = torch.randn(4, C, 2, 4, 4)
     model(x, torch.rand(4), **cond_for(condition, 4)).square().mean().backward()
@@ -209,7 +210,7 @@ def test_gradient_reaches_every_parameter(condition):
 def test_training_from_init_updates_every_parameter_and_lowers_loss():
     # From the real (zero-head) init, gradients reach deeper layers step by step: head, then cross-attention
     # projections, then everything. Fit a fixed target for a few Adam steps.
-    model = tiny(condition="text")
+    model = tiny(condition="text", pooled_text=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(1)

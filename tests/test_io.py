@@ -45,6 +45,13 @@ def test_odd_size_is_padded_by_one_edge_row_and_column(tmp_path, coded_frame):
     assert np.abs(back[:, :33, 47] - frames[:, :, 46]).mean() < 8.0
 
 
+def test_lossless_round_trip_is_exact_at_odd_sizes(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 33, 31, 3), dtype=np.uint8)
+    path = write_video(frames, tmp_path / "lossless.mp4", fps=8, lossless=True)
+    assert (probe(path).width, probe(path).height) == (31, 33)  # no padding: RGB has no chroma subsampling
+    assert np.array_equal(read_clip(path), frames)
+
+
 def test_gif_round_trip(tmp_path, coded_frame, frame_index):
     frames = np.stack([coded_frame(i, 32, 48) for i in range(10)])
     path = write_gif(frames, tmp_path / "a.gif", fps=8)

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import save_file
 
 from minisora.models.autoencoder import VideoVAE
-from minisora.training.lit_autoencoder import LitAutoencoder, PerceptualLoss, estimate_latent_stats
+from minisora.training.lit_autoencoder import LitAutoencoder, PerceptualLoss, bounded_error, estimate_latent_stats
 
 
 def moving_squares(n: int, T: int = 5, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -69,6 +69,15 @@ def test_training_reduces_reconstruction_error(tmp_path):
     assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 0.3
     assert ((z.std(dim=(0, 2, 3, 4)) - 1).abs().max()) < 0.3
     assert not torch.equal(vae.scale, torch.ones_like(vae.scale))
+
+
+def test_bounded_error_forgives_overshoot_only_beyond_bound_targets():
+    video = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.5, 0.5])
+    recon = torch.tensor([-1.5, 1.5, 1.5, -0.5, 1.5, -1.5], requires_grad=True)
+    err = bounded_error(recon, video)
+    assert err.tolist() == [0.0, 2.5, 0.0, -1.5, 1.0, -2.0]
+    err.pow(2).sum().backward()
+    assert recon.grad.tolist() == [0.0, 5.0, 0.0, -3.0, 2.0, -4.0]  # a wrongly saturated pixel still learns
 
 
 def test_estimate_latent_stats_normalises_latents():

@@ -188,7 +188,7 @@ def test_continuation_keeps_1_plus_4k_frames(pipe, shapes_clip, tmp_path):
 
 def test_continuing_a_real_video_fits_it_to_the_sample_size(pipe, shared_videos):
     """A 640x360 H.264 clip is scaled to cover 32x32 and centre-cropped; its first 5 frames come back."""
-    from minisora.pipeline import load_frames
+    from minisora.conditioning import load_frames
 
     path = shared_videos / "lagos.mp4"
     kept = load_frames(path, 5, 32, 32)

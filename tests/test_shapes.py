@@ -176,5 +176,10 @@ def test_make_shapes_is_deterministic_and_skips_when_up_to_date(shapes_dir, tmp_
     make_shapes(tmp_path / "again", num=10, seed=5)
     assert len(list((tmp_path / "again" / "clips").glob("*.mp4"))) == 10
     assert json.loads((tmp_path / "again" / "shapes.json").read_text())["num"] == 10
-    with pytest.raises(ValueError, match="even"):
-        make_shapes(tmp_path / "odd", num=2, size=31)
+    # Clips are lossless RGB: odd sizes work and decode to exactly the rendered frames.
+    make_shapes(tmp_path / "odd", num=1, size=31, width=33, num_frames=5)
+    color, shape, direction = _combination_order(1, 0)[0]
+    rendered = render_clip(
+        color, shape, direction, size=31, width=33, num_frames=5, rng=np.random.default_rng([0, 1, 0])
+    )
+    assert np.array_equal(read_clip(tmp_path / "odd" / "clips" / "00000.mp4"), rendered)

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minisora.models.state_dict import mismatch_report
+
 FORMAT = "minisora-dit-1"  # the `format` metadata of an exported model.safetensors
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HELP = "pass a run folder (runs/<name>), a .ckpt from <run>/checkpoints, or an exported folder (minisora export)"
@@ -215,27 +217,12 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Checkpoint:
 
 
 # ---- weights into a model --------------------------------------------------------------------
-def _listing(title: str, items: list[str]) -> str:
-    shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-    return f"  {title} ({len(items)}): " + ", ".join(shown)
-
-
 def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str | Path) -> None:
     """Raise CheckpointError naming missing, unexpected and wrongly shaped tensors unless `state` fits `model`."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        lines = [f"{source}: the weights do not fit the model (the model config differs from the checkpoint's)"]
-        for title, items in (("shape mismatch", wrong), ("missing in checkpoint", missing), ("unexpected", unexpected)):
-            if items:
-                lines.append(_listing(title, items))
-        raise CheckpointError("\n".join(lines))
+    report = mismatch_report(state, model, found="checkpoint")
+    if report:
+        head = f"{source}: the weights do not fit the model (the model config differs from the checkpoint's)"
+        raise CheckpointError("\n".join([head, *report]))
 
 
 def load_dit_weights(path: str | Path, model: torch.nn.Module, ema: bool = True) -> dict[str, Any]:

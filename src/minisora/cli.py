@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 DEFAULT_CONFIG = "configs/shapes.yaml"
 
@@ -57,6 +56,14 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vae_stats(args: argparse.Namespace) -> int:
+    from minisora.config import load_config
+    from minisora.training.run import vae_stats
+
+    vae_stats(load_config(args.config, args.overrides), args.vae, args.batches)
+    return 0
+
+
 def _user_errors(command: str, fn, args: argparse.Namespace) -> int:
     """Run a sample/export command; bad input (a ValueError naming the file or option) is one line, exit code 2."""
     from minisora.sample import plain_warnings
@@ -82,7 +89,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _user_errors("export", run_export, args)
 
 
-BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample"}
+BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
+              "vae": "minisora.bench.vae"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -114,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vae", help="train (or resume) the video autoencoder")
     _add_config_args(p, "configs/vae/shapes.yaml")
     p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("vae-stats", help="re-estimate an autoencoder's latent shift/scale on the config's data")
+    _add_config_args(p)
+    p.add_argument("--vae", help="autoencoder .safetensors to update (default: the config's run)")
+    p.add_argument("--batches", type=int, help="batches to average over (default: vae_train.latent_stats_batches)")
+    p.set_defaults(func=cmd_vae_stats)
 
     p = sub.add_parser("cache", help="encode the dataset once into the latent cache (VAE + text encoder)")
     _add_config_args(p)

@@ -11,7 +11,6 @@ figure says where the time goes. The target is >= 15 clips/s with 2 workers on a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from minisora.bench.report import write_json
 from minisora.data.clips import ClipDataset
 from minisora.data.datamodule import collate_clips
 from minisora.data.sources import load_records
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "2" in results["clips_per_s"]:
         ok = results["clips_per_s"]["2"] >= TARGET_CLIPS_PER_S
         print(f"target >= {TARGET_CLIPS_PER_S:g} clips/s with 2 workers: {'met' if ok else 'NOT met'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return results
 
 

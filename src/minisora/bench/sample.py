@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from minisora.bench.report import write_json
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -267,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_speed(args.presets, [parse_size(s) for s in args.sizes], args.steps, args.timed)
         result = {"machine": info, "speed": rows, "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
         print(table(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 

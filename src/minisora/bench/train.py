@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import platform
@@ -34,6 +33,7 @@ import psutil
 import torch
 
 from minisora import diffusion
+from minisora.bench.report import write_json
 from minisora.config import kwargs, load_config
 from minisora.models.dit import VideoDiT
 from minisora.training.lit_dit import build_optimizer
@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["preset", "AdamW8bit state B/param", "AdamW state B/param"],
     ))  # fmt: skip
     print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return results
 
 

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from minisora.models.state_dict import mismatch_report
 from minisora.models.tiling import chunked_causal, tiled_spatial
 from minisora.models.vae_blocks import (
     NORMS,
@@ -365,20 +366,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
         model = KINDS[meta["kind"]](**config)
     except TypeError as e:
         raise ValueError(f"{path}: config does not fit {meta['kind']}: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(tensors[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        lines = [f"{path}: weights do not match its config {config}"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        raise ValueError("\n".join(lines))
+    report = mismatch_report(tensors, model)
+    if report:
+        raise ValueError("\n".join([f"{path}: weights do not match its config {config}", *report]))
     model.load_state_dict(tensors)
     return model.to(device).eval()

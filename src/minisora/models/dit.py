@@ -170,6 +170,7 @@ class VideoDiT(nn.Module):
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         grad_checkpointing: bool = False,
+        pooled_text: bool = False,
     ):
         super().__init__()
         patch_size = [1, 2, 2] if patch_size is None else list(patch_size)
@@ -199,6 +200,13 @@ class VideoDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         # Index num_classes is the "null" label used for classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if condition == "class" else None
+        # Pooled text in the adaLN condition (SD3 adds pooled CLIP to the timestep embedding): cross-attention
+        # reads words per token, this steers every token's norm and gates with the whole prompt at once.
+        self.text_pool = None
+        if pooled_text and condition == "text":
+            self.text_pool = nn.Sequential(
+                nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
         self.rope = RoPE3D(hidden_size // num_heads, theta=rope_theta)
         context_dim = text_dim if condition == "text" else None
         if layout == "full":
@@ -227,6 +235,8 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.t_block[1].weight, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.text_pool is not None:  # zero output: the condition starts as the timestep alone
+            nn.init.zeros_(self.text_pool[2].weight)
         for block in self.blocks:
             # Per-block tables ~ N(0, 1/D) (PixArt): gates start at |g| ~ 1/sqrt(D), so every residual branch
             # starts small and the network starts close to the identity on its tokens.
@@ -260,7 +270,7 @@ class VideoDiT(nn.Module):
         return t * h * w
 
     def _condition(self, t_emb: torch.Tensor, labels: torch.Tensor | None,
-                   context: torch.Tensor | None) -> torch.Tensor:
+                   context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
         B = t_emb.shape[0]
         if self.condition == "class":
             if labels is None:  # unconditional: the null label
@@ -275,6 +285,11 @@ class VideoDiT(nn.Module):
                 )
             if context.ndim != 3 or context.shape[0] != B:
                 raise ValueError(f"context must be (B={B}, L, text_dim), got {tuple(context.shape)}")
+            if self.text_pool is not None:
+                w = torch.ones(context.shape[:2], device=context.device) if context_mask is None else context_mask
+                w = w.to(context.dtype)[..., None]  # (B, L, 1): the mean runs over real tokens only
+                pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, text_dim)
+                return t_emb + self.text_pool(pooled.to(self.text_pool[0].weight.dtype))  # (B, D)
         return t_emb  # (B, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
@@ -292,7 +307,7 @@ class VideoDiT(nn.Module):
                       pt=pt, ph=ph, pw=pw)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(h)  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
-        c = self._condition(t_emb, labels, context)  # (B, D)
+        c = self._condition(t_emb, labels, context, context_mask)  # (B, D)
         mod = self.t_block(c)  # (B, 6D), shared by all blocks
         rope = self.rope(gt, gh, gw, device=x.device)  # 2 x (N, head_dim)
         grid = (gt, gh, gw)

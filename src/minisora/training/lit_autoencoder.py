@@ -109,6 +109,18 @@ class PatchDiscriminator(nn.Module):
         return self.net(video)  # (B, 1, T, H/2^layers, W/2^layers)
 
 
+def bounded_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """recon - video, except that overshooting a target that sits at the range bound (-1 or 1) costs nothing.
+
+    Decoded videos are clamped to [-1, 1] before anyone sees them, so a black pixel decoded as -1.3 is perfect.
+    Unlike a loss on recon.clamp(-1, 1), a pixel clamped on the wrong side still gets a gradient. On shapes
+    clips (black background, saturated colours) this lifted held-out PSNR from 24.3 to 28.7 dB at step 400.
+    """
+    err = recon - video
+    err = torch.where(video <= -1, err.clamp(min=0), err)
+    return torch.where(video >= 1, err.clamp(max=0), err)
+
+
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over latent elements."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -264,7 +276,8 @@ class LitAutoencoder(L.LightningModule):
         recon, mean, logvar = self.vae(video, sample=stage == "train")
         # L1 is the usual choice for long runs with perceptual/GAN terms; on mostly-black shapes clips it sat at
         # "predict black" (14 dB after 150 steps) where MSE had reached 18.7 dB, so short runs use MSE.
-        rec_loss = F.l1_loss(recon, video) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, video)
+        err = bounded_error(recon, video)
+        rec_loss = err.abs().mean() if self.hparams.recon_loss == "l1" else err.pow(2).mean()
         kl = kl_divergence(mean, logvar)
         loss = rec_loss + self.hparams.kl_weight * kl
         logs = {self.hparams.recon_loss: rec_loss, "kl": kl}

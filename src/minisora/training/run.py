@@ -139,6 +139,31 @@ def train_vae(cfg: DictConfig) -> Path:
     return out
 
 
+def vae_stats(cfg: DictConfig, path: str | None = None, batches: int | None = None) -> Path:
+    """Re-estimate an autoencoder's latent shift/scale on cfg.data's training clips and save them in place.
+
+    What `minisora vae-stats` runs: after fine-tuning a VAE elsewhere, or to re-measure on new data. Latent
+    caches are keyed by the VAE's weights (stats included), so they are rebuilt on the next `cache`/`train`.
+    """
+    from minisora.data.datamodule import VideoDataModule
+    from minisora.models.autoencoder import load_autoencoder, save_autoencoder
+    from minisora.training.lit_autoencoder import estimate_latent_stats
+
+    target = Path(path) if path else vae_path(cfg)
+    vae = load_autoencoder(target)
+    data = VideoDataModule(**kwargs(cfg.data))
+    data.setup("fit")
+    n = batches or cfg.vae_train.latent_stats_batches
+    t0 = time.time()
+    shift, scale = estimate_latent_stats(vae, data.train_dataloader(), n)
+    save_autoencoder(vae, target)
+    say(
+        f"latent stats of {target} over {n} batches of {cfg.data.path} ({time.time() - t0:.0f} s): "
+        f"shift {[round(v, 3) for v in shift.tolist()]}, scale {[round(v, 3) for v in scale.tolist()]}"
+    )
+    return target
+
+
 def load_or_train_vae(cfg: DictConfig):
     from minisora.models.autoencoder import load_autoencoder
 
