@@ -81,6 +81,22 @@ def test_sample_writes_one_mp4_per_prompt_named_after_it(run, tmp_path, written,
     assert np.abs(written[paths[1]].astype(int) - video.astype(int)).max() <= 2
 
 
+def test_strip_shows_every_video_as_a_row_of_frames(run, tmp_path, written, capsys):
+    from PIL import Image
+
+    strip = tmp_path / "samples.png"
+    args = ["sample", "--ckpt", str(run), "--out", str(tmp_path / "out"), "--strip", str(strip)]
+    assert main(args + ["--prompt", "a red circle moving left", "--prompt", "a blue square moving up"] + FAST) == 0
+    assert strip in printed_paths(capsys)
+    second = written[tmp_path / "out" / "a-blue-square-moving-up.mp4"]  # (T, H, W, 3), T = 17 > 9 frames shown
+    image = np.asarray(Image.open(strip).convert("RGB"))
+    T, H, W, _ = second.shape
+    k = -(-96 // H)  # rows are scaled up (nearest) to at least 96 px
+    assert image.shape == (2 * (H + 2) * k, (9 * W + 8) * k, 3)  # 9 frames, 1 px gaps between
+    last = second[T - 1]  # the second row ends with the second video's last frame
+    assert np.array_equal(image[(H + 2) * k : (H + 2) * k + H * k : k, -W * k :: k], last)
+
+
 def test_existing_files_are_never_overwritten_silently(run, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["sample", "--ckpt", str(run), "--out", str(out), "--prompt", "a red circle moving left", *FAST]
@@ -150,6 +166,7 @@ def test_export_command_round_trip(run, tmp_path, capsys):
         (["--image", "missing.png"], "--image missing.png: file not found"),
         (["--prompts-file", "missing.txt"], "--prompts-file missing.txt: file not found"),
         (["--video", "clip.mp4", "--keep-frames", "40"], "leaves nothing to generate"),
+        (["--strip", "samples.jpg"], "--strip samples.jpg: the strip is a PNG image"),
     ],
 )
 def test_bad_values_are_one_clear_line(run, tmp_path, monkeypatch, capsys, extra, message):

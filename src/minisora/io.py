@@ -284,6 +284,32 @@ def write_gif(frames: np.ndarray | torch.Tensor, path: str | Path, fps: float = 
     return path
 
 
+def film_strip(frames: np.ndarray, max_frames: int = 9, gap: int = 0) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> (H, n*W + (n-1)*gap, 3): up to max_frames evenly spaced frames, grey gaps between."""
+    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    sep = np.full((frames.shape[1], gap, 3), 96, np.uint8)  # (H, gap, 3): frame edges stay visible on black
+    parts = [p for i in idx for p in (sep, frames[i])][1:] if gap else list(frames[idx])
+    return np.concatenate(parts, axis=1)
+
+
+def write_strips(videos: Sequence[np.ndarray], path: str | Path, max_frames: int = 9, min_height: int = 96) -> Path:
+    """One PNG with a film strip per video (a row each), scaled up (nearest) to at least min_height px rows.
+
+    What a README or an issue can show of a sample: a still image, where a video would be a generated file.
+    """
+    rows = [film_strip(to_uint8_frames(v), max_frames, gap=1) for v in videos]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]  # 2 px black between rows
+    image = Image.fromarray(np.concatenate(rows, axis=0))
+    k = max(1, -(-min_height // videos[0].shape[1]))
+    image = image.resize((image.width * k, image.height * k), Image.NEAREST)
+    path = Path(path)
+    tmp = _atomic_target(path)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 def save_video(video: np.ndarray | torch.Tensor, path: str | Path, fps: float = 8) -> Path:
     """Save frames as .mp4 or .gif, chosen by the file extension."""
     suffix = Path(path).suffix.lower()

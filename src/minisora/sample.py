@@ -100,6 +100,8 @@ def validate(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise SampleError(f"--{name} {path}: file not found")
+    if getattr(args, "strip", None) and Path(args.strip).suffix.lower() != ".png":
+        raise SampleError(f"--strip {args.strip}: the strip is a PNG image; give a path ending in .png")
 
 
 def default_device() -> str:
@@ -126,7 +128,7 @@ def plain_warnings(command: str) -> Iterator[None]:
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
-    from minisora.io import save_video
+    from minisora.io import save_video, write_strips
     from minisora.pipeline import TextToVideoPipeline
 
     validate(args)
@@ -161,6 +163,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         written.append(save_video(video, path, fps=fps))
         if args.gif:
             written.append(save_video(video, path.with_suffix(".gif"), fps=fps))
+    if args.strip:
+        written.append(write_strips(videos, args.strip))
     print(f"minisora sample: {len(videos)} video(s) in {time.time() - t0:.1f} s", file=sys.stderr)
     for path in written:
         print(path)
@@ -196,6 +200,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--gif", action="store_true", help="also write an animated GIF next to each mp4")
     p.add_argument("--overwrite", action="store_true", help="replace files of the same name instead of numbering")
+    p.add_argument("--strip", help="also write one PNG with a row of frames per video (e.g. samples.png)")
     p.add_argument("--image", help="image-to-video: an image to use as the first frame")
     p.add_argument("--video", help="continuation: a clip whose first --keep-frames frames are kept")
     p.add_argument("--keep-frames", type=int, help="frames of --video to keep, 1 + 4k (default: 5)")

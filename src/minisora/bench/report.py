@@ -1,4 +1,4 @@
-"""What every benchmark does with its results besides printing them: write them as JSON when asked."""
+"""Shared by the benchmarks: writing results as JSON, and reading this process's memory (Linux /proc)."""
 
 from __future__ import annotations
 
@@ -13,3 +13,20 @@ def write_json(path: str | None, results: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading covers only what follows (Linux >= 4.0).
+
+    getrusage's ru_maxrss cannot do this, and in a subprocess it starts at the parent's peak (kept across exec).
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minisora.bench.report import write_json
+from minisora.bench.report import reset_peak_rss, rss_mb, write_json
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -129,20 +129,6 @@ def table(rows: list[dict]) -> str:
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading covers only what follows (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _child(kind: str, preset: str, tokens_frames: int, height: int, width: int, dtype: str) -> None:
     """In a fresh process: peak RSS growth (MB) of one guided DiT forward or one VAE tile/chunk decode."""
     torch.set_grad_enabled(False)
@@ -154,17 +140,17 @@ def _child(kind: str, preset: str, tokens_frames: int, height: int, width: int, 
         C, t, h, w = pipe.latent_shape(*size)
         x = torch.randn(2, C, t, h, w)  # cond + uncond in one batch
         ctx, mask = pipe.text_encoder(["a prompt", ""])
-        before = _rss_mb("VmRSS")
-        _reset_peak()
+        before = rss_mb("VmRSS")
+        reset_peak_rss()
         pipe.model(x.to(dt), torch.full((2,), 0.5), context=ctx, context_mask=mask)
-        print(json.dumps({"tokens": pipe.model.tokens(t, h, w), "peak_mb": _rss_mb("VmHWM") - before}))
+        print(json.dumps({"tokens": pipe.model.tokens(t, h, w), "peak_mb": rss_mb("VmHWM") - before}))
     else:
         C, t, h, w = pipe.latent_shape(*size)
         z = torch.randn(1, C, t, h, w)
-        before = _rss_mb("VmRSS")
-        _reset_peak()
+        before = rss_mb("VmRSS")
+        reset_peak_rss()
         pipe.vae.decode(z)
-        print(json.dumps({"frames": tokens_frames, "peak_mb": _rss_mb("VmHWM") - before}))
+        print(json.dumps({"frames": tokens_frames, "peak_mb": rss_mb("VmHWM") - before}))
 
 
 def _run_child(*args: str, dtype: str = "fp32") -> dict:

@@ -13,15 +13,14 @@ evenly spaced times from each video (within a manifest row's start/end, so a tim
 
 Speed (--speed): one clip, after a warm-up call, `--repeats` timed calls each for encode and decode,
 untiled and tiled (tiles of half the frame, so tiling is exercised even where the config's tile_size
-would not trigger it); frames/s from the median. Peak memory is the peak RSS growth of a fresh
-subprocess per (operation, tiled) point, so one measurement's allocations cannot hide another's.
+would not trigger it); frames/s from the median. Peak memory is the peak RSS growth (VmHWM) during the
+call in a fresh subprocess per (operation, tiled) point, so one measurement's allocations cannot hide another's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 
 import torch
 
-from minisora.bench.report import write_json
+from minisora.bench.report import reset_peak_rss, rss_mb, write_json
 from minisora.bench.sample import CONFIGS, parse_size
 
 
@@ -121,10 +120,6 @@ def _calls(vae, size: tuple[int, int, int], tiled: bool):
     return encode, decode
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def memory_point(args: argparse.Namespace, op: str, tiled: bool) -> float:
     """Peak RSS growth (MB) of one encode or decode in a fresh subprocess."""
     cmd = [sys.executable, "-m", "minisora.bench.vae", "--_memory", op, "--size", args.size]
@@ -138,9 +133,10 @@ def _memory_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     vae = build_vae(args.vae, args.config)
     encode, decode = _calls(vae, parse_size(args.size), args.tiled)
-    base = _peak_rss_mb()  # weights, input clip and its latents are in place: what follows is the call itself
+    reset_peak_rss()  # weights, input clip and latents are in place: the peak from here on is the call itself
+    base = rss_mb("VmRSS")
     (encode if args._memory == "encode" else decode)()
-    print(f"{_peak_rss_mb() - base:.1f}")
+    print(f"{rss_mb('VmHWM') - base:.1f}")
 
 
 def speed(args: argparse.Namespace, vae) -> list[dict]:

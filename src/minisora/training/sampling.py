@@ -10,15 +10,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from minisora.io import save_video
+from minisora.io import film_strip, save_video
 from minisora.pipeline import TextToVideoPipeline
 from minisora.sample import slug
-
-
-def film_strip(frames: np.ndarray, max_frames: int = 9) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> (H, n*W, 3): up to max_frames evenly spaced frames side by side."""
-    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
-    return np.concatenate(list(frames[idx]), axis=1)
 
 
 def shapes_eval(pipe: TextToVideoPipeline, out: Path, *, samples_per_prompt: int, fps: float, **kw) -> dict:
