@@ -58,6 +58,10 @@ def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> 
         save_top_k=2,
         monitor="step",
         mode="max",
+        # Lightning defers a monitored save at an epoch's last batch to the validation it expects next; with
+        # step-based validation none follows, and runs of short epochs lost their checkpoints. Saving in the
+        # train loop (every_n_epochs stays 0, so no extra epoch-end saves) keeps every_n_train_steps exact.
+        save_on_train_epoch_end=True,
     )
     return L.Trainer(
         max_steps=tcfg.max_steps,

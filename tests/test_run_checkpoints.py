@@ -1,0 +1,36 @@
+"""The trainer every run uses (training.run.build_trainer): periodic checkpoints land where asked."""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
+
+from minisora.config import load_config
+from minisora.training.run import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TwoBatchEpochs(BoringModel):
+    """Epochs of 2 batches: every even step is an epoch's last batch."""
+
+    def train_dataloader(self):
+        return DataLoader(RandomDataset(32, 4), batch_size=2)
+
+    def val_dataloader(self):
+        return DataLoader(RandomDataset(32, 2), batch_size=2)
+
+
+def test_every_n_steps_checkpoints_at_epoch_ends_without_validation_after_them(tmp_path):
+    # Lightning 2.6 deferred these saves to a validation that, with step-based validation, never came.
+    overrides = ["trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.val_check_interval=100",
+                 "trainer.enable_progress_bar=false"]  # fmt: skip
+    cfg = load_config(ROOT / "configs/shapes.yaml", overrides)
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg.trainer, tmp_path, [], tag="t")
+    trainer.fit(TwoBatchEpochs())
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert saved == ["last.ckpt", "step-000004.ckpt", "step-000006.ckpt"]  # the two newest are kept
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
