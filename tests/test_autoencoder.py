@@ -116,27 +116,33 @@ def test_tiled_matches_untiled_within_tolerance():
 
 
 def test_real_video_encode_decode_tiled(shared_videos):
-    # 33 frames of a real 640x360 clip, scaled by PyAV to 160x90 and cropped to 160x88: 64 px tiles and 16-frame
-    # chunks are engaged automatically; a small random model keeps this to a few seconds on CPU.
+    # 4 s (121 frames) of a real 640x360 clip at its native size, cropped to 640x352 (multiples of 16): 256 px
+    # tiles and 16-frame causal chunks are engaged automatically; a small random model keeps it to seconds.
     with av.open(str(shared_videos / "lagos.mp4")) as container:
         frames = []
         for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=160, height=90))
-            if len(frames) == 33:
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == 121:
                 break
-    video = torch.from_numpy(np.stack(frames)[:, 1:89]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    assert video.shape == (1, 3, 33, 88, 160)
-    vae = tiny(spatial_compression=8, patch_size=4, tile_size=64, tile_overlap=16, chunk_frames=16)
+    video = torch.from_numpy(np.stack(frames)[:, 4:356]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    assert video.shape == (1, 3, 121, 352, 640)
+    vae = tiny(spatial_compression=16, patch_size=4, tile_size=256, tile_overlap=64, chunk_frames=16)
     with torch.no_grad():
         z = vae.encode(video)
         y = vae.decode(z)
-        z_untiled = vae.encode(video, tiled=False)
-    assert z.shape == (1, 4, 9, 11, 20) and z_untiled.shape == z.shape
+    assert z.shape == (1, 4, 31, 22, 40)
     assert y.shape == video.shape and torch.isfinite(y).all()
-    # Chunking alone (the same weights with tiles larger than the frame) is exact on real footage too.
-    same = tiny(spatial_compression=8, patch_size=4, tile_size=256, chunk_frames=16)
+    # Tiled vs untiled on a small crop of the same footage (an untiled 121x352x640 pass is what tiling avoids).
+    crop = video[:, :, :17, :160, :288]
     with torch.no_grad():
-        assert torch.allclose(same.encode(video), z_untiled, atol=1e-4)
+        small = tiny(spatial_compression=16, patch_size=4, tile_size=128, tile_overlap=64, chunk_frames=16)
+        z_full, z_tiled = small.encode(crop, tiled=False), small.encode(crop, tiled=True)
+    assert ((z_tiled - z_full).abs().mean() / z_full.abs().mean()).item() < 0.08  # the bound used above
+    # Chunking alone (tiles larger than the frame) is exact on real footage too.
+    same = tiny(spatial_compression=16, patch_size=4, tile_size=1024, chunk_frames=16)
+    with torch.no_grad():
+        assert torch.allclose(same.encode(video[:, :, :49, :128, :128]),
+                              small.encode(video[:, :, :49, :128, :128], tiled=False), atol=1e-4)  # fmt: skip
 
 
 def test_save_load_round_trip(tmp_path):
