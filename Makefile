@@ -35,7 +35,7 @@ test: install  ## run the test suite (slow tests included)
 test-fast: install  ## run the suite without the slow tests
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: install  ## run the benchmarks (ARGS="--quick")
+bench: install  ## every benchmark -> bench/results-<device>.json (ARGS="--quick" for a smoke run)
 	$(BIN)/minisora bench all $(ARGS)
 
 bench-data: install  ## data-loading benchmark on ../shared/videos

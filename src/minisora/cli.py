@@ -90,18 +90,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
-              "vae": "minisora.bench.vae"}  # fmt: skip
+              "vae": "minisora.bench.vae", "all": "minisora.bench.all"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    if args.what == "all":  # every benchmark with the same extra arguments (e.g. --quick)
-        for name in BENCHMARKS:
-            print(f"## minisora bench {name}", flush=True)
-            sys.argv = [BENCHMARKS[name], *args.rest]
-            runpy.run_module(BENCHMARKS[name], run_name="__main__")
-        return 0
     module = BENCHMARKS.get(args.what)
     if module is None:
         print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)

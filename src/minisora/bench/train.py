@@ -1,7 +1,8 @@
-"""DiT training cost: step time and peak memory per model preset, with and without gradient checkpointing.
+"""DiT training cost: step time, throughput, FLOPs/MFU and peak memory per preset, clip size and switch.
 
-    python -m minisora.bench.train [--presets S B] [--frames 17 --height 256 --width 256] [--batch 1] [--reps 5]
-        [--precision auto] [--optimizer adamw8bit] [--threads N] [--quick] [--json OUT]
+    python -m minisora.bench.train [--presets S B] [--clips 17x256x256 ...] [--batch 1] [--reps 5]
+        [--precision auto] [--optimizer adamw8bit] [--variants base grad_ckpt optimizer precision factorized
+        compile] [--threads N] [--quick] [--json OUT]
 
 One step is what LitVideoDiT does per batch: rectified-flow loss on random latents of the stated clip size
 (through a 4x temporal / 8x spatial / 16-channel autoencoder: 17x256x256 -> 16x5x32x32 -> 1280 tokens with
@@ -12,7 +13,10 @@ memory is max_memory_allocated on CUDA; on CPU it is the peak resident set size 
 minus the size before the model was built, so it counts weights, gradients, optimizer state and
 activations (checked against ru_maxrss in a fresh process: 604 vs 677 MB, the difference being one-time
 library set-up, which a priming step now absorbs). Also reported: optimizer state bytes per parameter for
-AdamW8bit and AdamW, counted over the distinct tensors in optimizer.state after one step.
+AdamW8bit and AdamW, counted over the distinct tensors in optimizer.state after one step; analytic model
+FLOPs per step (bench/flops.py), TFLOP/s achieved, and MFU against the GPU's dense bf16 peak (bf16 runs on a
+known GPU; "-" elsewhere). Variants change one switch from the baseline: gradient checkpointing, the other
+optimizer, the other precision, the factorized attention layout, torch.compile.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import psutil
 import torch
 
 from minisora import diffusion
+from minisora.bench.flops import dit_train_step_flops, mfu, peak_flops
 from minisora.bench.report import write_json
 from minisora.config import kwargs, load_config
 from minisora.models.dit import VideoDiT
@@ -116,6 +121,7 @@ def measure_step(
     warmup: int,
     optimizer: str = "adamw8bit",
     context_length: int = CONTEXT_LENGTH,
+    compile: bool = False,
 ) -> dict:
     """Median time of a training step (forward + backward + optimizer step) and the peak memory it needs."""
     _trim()
@@ -126,6 +132,9 @@ def measure_step(
     torch.manual_seed(0)
     model = VideoDiT(**{**model_args, "grad_checkpointing": grad_checkpointing}).to(device).train()
     opt = build_optimizer(list(model.parameters()), optimizer, lr=1e-4, weight_decay=0.0, betas=[0.9, 0.99])
+    net = torch.compile(model) if compile else model
+    if compile:  # the first calls compile, and recompile once when dynamo marks a changed input dynamic
+        warmup = max(warmup, 3)
     C, t, h, w = latent
     x0 = torch.randn(batch, C, t, h, w, device=device)  # (B, C, t, h, w)
     context = torch.randn(batch, context_length, model_args["text_dim"], device=device)  # (B, L, D)
@@ -139,7 +148,7 @@ def measure_step(
             _sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
             with autocast:
-                loss = diffusion.flow_loss(model, x0, tt, noise, context=context, context_mask=mask).mean()
+                loss = diffusion.flow_loss(net, x0, tt, noise, context=context, context_mask=mask).mean()
             loss.backward()
             _sync(device)
             t1 = time.perf_counter()
@@ -170,7 +179,7 @@ def measure_step(
         "peak_mem_mb": peak / 2**20,
         "mem_kind": kind,
     }
-    del model, opt, x0, context, loss
+    del model, net, opt, x0, context, loss
     _trim()
     return result
 
@@ -199,28 +208,56 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def variants(precision: str, optimizer: str, names: list[str]) -> list[tuple[str, dict]]:
+    """The baseline and one-switch-at-a-time changes from it: (name, measure_step keyword overrides)."""
+    other_precision = "fp32" if precision == "bf16" else "bf16"
+    other_optimizer = "adamw" if optimizer == "adamw8bit" else "adamw8bit"
+    table = {
+        "base": {},
+        "grad_ckpt": {"grad_checkpointing": True},
+        other_optimizer: {"optimizer": other_optimizer},
+        other_precision: {"precision": other_precision},
+        "factorized": {"layout": "factorized"},
+        "compile": {"compile": True},
+    }
+    unknown = [n for n in names if n not in table and n not in ("optimizer", "precision")]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from base, grad_ckpt, optimizer, precision, "
+                         "factorized, compile")  # fmt: skip
+    aliases = {"optimizer": other_optimizer, "precision": other_precision}
+    return [(aliases.get(n, n), table[aliases.get(n, n)]) for n in names]
+
+
+def parse_clip(text: str) -> tuple[int, int, int]:
+    frames, height, width = (int(v) for v in text.lower().split("x"))
+    return frames, height, width
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m minisora.bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["S", "B"], help="model presets (configs/model/*.yaml)")
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--clips", nargs="+", default=["17x256x256"], help="clip sizes FRAMESxHEIGHTxWIDTH")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5, help="timed steps per setting (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on a GPU that supports it, else fp32")  # fmt: skip
-    parser.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="for the timed steps")
+    parser.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="of the baseline")
+    parser.add_argument("--variants", nargs="+", default=["base", "grad_ckpt", "optimizer", "precision", "factorized",
+                                                          "compile"],
+                        help="baseline and one-switch changes: base grad_ckpt optimizer precision factorized compile")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     # On a loaded machine use 1: two OpenMP threads sharing busy cores made a 0.2 M-parameter AdamW step 140x
     # slower here (262 vs 1.9 ms, load average 5.3 on 2 cores).
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--configs", default=str(CONFIGS), help="folder holding model/<preset>.yaml")
-    parser.add_argument("--quick", action="store_true", help="preset tiny at a tiny latent, 1 rep (for the tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="preset tiny at 5x32x32, 1 rep, no compile (what the tests and `bench all --quick` run)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.presets, args.frames, args.height, args.width, args.reps, args.warmup = ["tiny"], 5, 32, 32, 1, 1
+        args.presets, args.clips, args.reps, args.warmup = ["tiny"], ["5x32x32"], 1, 1
+        args.variants = [v for v in args.variants if v != "compile"]  # inductor's first compile takes minutes on CPU
     if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 0:
         parser.error("need --reps >= 1, --warmup >= 0, --batch >= 1, --threads >= 0")
     if args.threads:
@@ -231,38 +268,57 @@ def main(argv: list[str] | None = None) -> dict:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     context_length = 8 if args.quick else CONTEXT_LENGTH
-    latent = latent_shape(args.frames, args.height, args.width)
+    try:
+        todo = variants(precision, args.optimizer, args.variants)
+        clips = [parse_clip(c) for c in args.clips]
+        latents = [latent_shape(*c) for c in clips]
+    except ValueError as e:
+        parser.error(str(e))
     configs = Path(args.configs)
 
     # One untimed step of the tiny preset first: library and allocator set-up would otherwise land in the
     # first setting's memory (measured: 71 MB for the first tiny run, 9 MB for the second).
     measure_step(preset("tiny", configs), (LATENT_CHANNELS, 1, 2, 2), 1, grad_checkpointing=False, device=device,
                  precision=precision, reps=1, warmup=0, context_length=4)  # fmt: skip
+    peak = peak_flops(device)  # dense bf16 FLOP/s; None on CPU and unknown GPUs
     load_before = os.getloadavg()
     runs, states = [], []
     for name in args.presets:
-        model_args = preset(name, configs)
-        probe = VideoDiT(**model_args)
-        params, tokens = probe.num_parameters(), probe.tokens(*latent[1:])
-        del probe
-        for ckpt in (False, True):
-            r = measure_step(model_args, latent, args.batch, grad_checkpointing=ckpt, device=device,
-                             precision=precision, reps=args.reps, warmup=args.warmup, optimizer=args.optimizer,
-                             context_length=context_length)  # fmt: skip
-            runs.append({"preset": name, "params": params, "tokens": tokens, **r})
-            print(f"{name} checkpointing={ckpt}: {r['step_s']:.3f} s/step, peak {r['peak_mem_mb']:.0f} MB", flush=True)
+        base_args = preset(name, configs)
+        for clip, latent in zip(clips, latents):
+            for variant, change in todo:
+                model_args = {**base_args, "layout": change.get("layout", base_args.get("layout", "full"))}
+                probe = VideoDiT(**model_args)
+                params, tokens = probe.num_parameters(), probe.tokens(*latent[1:])
+                # Model FLOPs: forward + backward = 3 x forward; checkpointing's recompute not counted (PaLM's MFU).
+                step_flops = dit_train_step_flops(probe, *latent[1:], batch=args.batch, context_len=context_length)
+                del probe
+                settings = {"grad_checkpointing": False, "precision": precision, "optimizer": args.optimizer,
+                            "compile": False, **{k: v for k, v in change.items() if k != "layout"}}  # fmt: skip
+                r = measure_step(model_args, latent, args.batch, device=device, reps=args.reps, warmup=args.warmup,
+                                 context_length=context_length, **settings)  # fmt: skip
+                r.update(
+                    preset=name, variant=variant, clip=list(clip), params=params, tokens=tokens,
+                    layout=model_args["layout"], precision=settings["precision"], optimizer=settings["optimizer"],
+                    compile=settings["compile"], clips_per_s=args.batch / r["step_s"],
+                    tokens_per_s=args.batch * tokens / r["step_s"],
+                    flops_per_step=step_flops, tflops_per_s=step_flops / r["step_s"] / 1e12,
+                    mfu=mfu(step_flops, r["step_s"], peak if settings["precision"] == "bf16" else None),
+                )  # fmt: skip
+                runs.append(r)
+                print(f"{name} {'x'.join(map(str, clip))} {variant}: {r['step_s']:.3f} s/step, "
+                      f"peak {r['peak_mem_mb']:.0f} MB", flush=True)  # fmt: skip
         states.append({
             "preset": name,
-            "params": params,
-            "adamw8bit_bytes_per_param": optimizer_state_bytes_per_param(model_args, "adamw8bit"),
-            "adamw_bytes_per_param": optimizer_state_bytes_per_param(model_args, "adamw"),
+            "params": VideoDiT(**base_args).num_parameters(),
+            "adamw8bit_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw8bit"),
+            "adamw_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw"),
         })  # fmt: skip
     load_after = os.getloadavg()
 
-    C, t, h, w = latent
     results = {
-        "clip": [args.frames, args.height, args.width],
-        "latent": list(latent),
+        "clips": [list(c) for c in clips],
+        "latents": [list(lat) for lat in latents],
         "context": [context_length, TEXT_DIM],
         "batch": args.batch,
         "precision": precision,
@@ -275,20 +331,17 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
+        "peak_flops": peak,
+        "flops": "model FLOPs per step: forward + backward = 3 x forward, matmuls only (multiply-add = 2), "
+                 "no gradient-checkpointing recompute; MFU against the dense bf16 peak, bf16 runs only",
         "runs": runs,
         "optimizer_state": states,
     }
     print(
-        f"\nclip {args.frames}x{args.height}x{args.width} -> latent {C}x{t}x{h}x{w}, batch {args.batch}, "
-        f"text context {context_length}x{TEXT_DIM}, {precision}, {args.optimizer}, {device} "
-        f"({torch.get_num_threads()} threads), median of {args.reps} steps after {args.warmup} warm-up"
+        f"\nbatch {args.batch}, text context {context_length}x{TEXT_DIM}, baseline {precision} {args.optimizer}, "
+        f"{device} ({torch.get_num_threads()} threads), median of {args.reps} steps after {args.warmup} warm-up"
     )
-    print(_table(
-        [[r["preset"], f"{r['params'] / 1e6:.1f} M", str(r["tokens"]), "yes" if r["grad_checkpointing"] else "no",
-          f"{r['step_s']:.3f}", f"{r['fwd_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", f"{r['cpu_s']:.3f}",
-          f"{r['peak_mem_mb']:.0f}"] for r in runs],
-        ["preset", "params", "tokens", "grad ckpt", "step s", "fwd+bwd s", "optimizer s", "CPU s", "peak MB"],
-    ))  # fmt: skip
+    print(table(runs))
     print()
     print(_table(
         [[s["preset"], f"{s['adamw8bit_bytes_per_param']:.2f}", f"{s['adamw_bytes_per_param']:.2f}"] for s in states],
@@ -297,6 +350,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
     write_json(args.json, results)
     return results
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown: one row per (preset, clip, variant)."""
+    return _table(
+        [[r["preset"], "x".join(map(str, r["clip"])), str(r["tokens"]), r["variant"], f"{r['step_s']:.3f}",
+          f"{r['clips_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['flops_per_step'] / 1e9:.4g}",
+          f"{r['tflops_per_s']:.3g}", "-" if r.get("mfu") is None else f"{r['mfu']:.1%}", f"{r['cpu_s']:.3f}",
+          f"{r['peak_mem_mb']:.0f}"]
+         for r in runs],
+        ["preset", "clip", "tokens", "variant", "step s", "clips/s", "tokens/s", "GFLOP/step", "TFLOP/s", "MFU",
+         "CPU s", "peak MB"],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
