@@ -24,6 +24,7 @@ def test_quick_bench_writes_every_benchmark_with_positive_finite_figures(tmp_pat
     threads = torch.get_num_threads()
     main(["--quick", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # no benchmark's --threads leaks out
+    assert torch.is_grad_enabled()  # nor the sampling benchmark's no_grad
     (out,) = tmp_path.glob("results-*-quick.json")
     results = json.loads(out.read_text())
     assert out.name == f"results-{results['device']}-quick.json" and results["quick"] is True

@@ -89,6 +89,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _user_errors("export", run_export, args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from minisora.plan_report import run_plan
+
+    return _user_errors("plan", run_plan, args)
+
+
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
               "vae": "minisora.bench.vae", "all": "minisora.bench.all"}  # fmt: skip
 
@@ -149,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to safetensors + config.yaml (no Lightning, no pickle)")
     add_export_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget table")
+    from minisora.plan_report import add_plan_args
+
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks: data, train, sample, all")
     p.add_argument("what", help="which benchmark: data, train, sample, or all")

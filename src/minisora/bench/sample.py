@@ -242,19 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         kind, preset, frames, height, width = args.child
         _child(kind, preset, int(frames), int(height), int(width), args.dtype)
         return 0
-    torch.set_grad_enabled(False)
     info = machine()
     print(json.dumps(info), flush=True)
-    if args.memory:
-        result = {
-            "machine": info,
-            "memory": bench_memory(args.preset, args.frames, args.height, args.width, args.dtype),
-        }
-        print(json.dumps(result["memory"], indent=1))
-    else:
-        rows = bench_speed(args.presets, [parse_size(s) for s in args.sizes], args.steps, args.timed)
-        result = {"machine": info, "speed": rows, "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
-        print(table(rows))
+    with torch.no_grad():  # scoped: `minisora bench all` runs the training benchmark in the same process
+        if args.memory:
+            result = {
+                "machine": info,
+                "memory": bench_memory(args.preset, args.frames, args.height, args.width, args.dtype),
+            }
+            print(json.dumps(result["memory"], indent=1))
+        else:
+            rows = bench_speed(args.presets, [parse_size(s) for s in args.sizes], args.steps, args.timed)
+            result = {"machine": info, "speed": rows, "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
+            print(table(rows))
     write_json(args.json, result)
     return 0
 
