@@ -4,7 +4,8 @@
 
 Runs data loading (needs ../shared/videos; skipped with the reason when absent), DiT training steps (presets
 S and B at 17x256x256 with every one-switch variant), sampling (tiny and S, shapes size and 17x256x256) and
-the autoencoder (speed and memory of configs/vae/standard.yaml), each printing its own markdown table.
+the autoencoder (speed and memory of configs/vae/standard.yaml), each printing its own markdown table; on a
+GPU also the 24 GiB budget search (bench/budget.py).
 `--quick` runs each on toy sizes in well under a minute: the test suite runs it and checks the JSON.
 """
 
@@ -31,6 +32,7 @@ FULL: dict[str, list[str]] = {
     "train": ["--reps", "3", "--variants", *TRAIN_VARIANTS, *(["compile"] if torch.cuda.is_available() else [])],
     "sample": [],
     "vae": ["--config", str(CONFIGS / "vae" / "standard.yaml"), "--speed", "--size", "17x256x256"],
+    **({"budget": []} if torch.cuda.is_available() else {}),  # the 24 GiB search needs a GPU to cap
 }
 QUICK: dict[str, list[str]] = {
     "data": ["--clips", "4", "--repeats", "1", "--workers", "0"],
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="minisora bench all", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes, one repetition: a smoke run of every benchmark")
     p.add_argument("--out", default="bench", help="folder for results-<device>.json (default: bench)")
-    p.add_argument("--only", nargs="+", choices=list(FULL), help="a subset of the benchmarks")
+    p.add_argument("--only", nargs="+", choices=[*FULL, "budget"], help="a subset of the benchmarks")
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     results: dict = {
@@ -78,10 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {},
     }
     for name in args.only or list(plan):
-        print(f"## minisora bench {name} {' '.join(plan[name])}", flush=True)
+        argv = plan.get(name, [])
+        print(f"## minisora bench {name} {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
         try:
-            results[name] = run_one(name, plan[name])
+            results[name] = run_one(name, argv)
         except (FileNotFoundError, SystemExit) as e:  # the data benchmark without ../shared/videos, a bad option
             results[name] = {"skipped": str(e) or repr(e)}
             print(f"skipped: {results[name]['skipped']}", flush=True)
