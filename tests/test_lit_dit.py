@@ -281,3 +281,49 @@ def test_bf16_autocast_training_step_is_finite(text, tmp_path):
     assert len(rec.losses) == 2 and all(math.isfinite(v) and v > 0 for v in rec.losses)
     assert all(p.dtype == torch.float32 for p in lit.model.parameters())  # master weights stay fp32
     assert all(torch.isfinite(p).all() for p in lit.ema_model.parameters())
+
+
+class PoisonSteps(L.Callback):
+    """Makes the model's output NaN (so the loss and every gradient are NaN) on the listed global steps."""
+
+    def __init__(self, steps):
+        self.steps, self.handle = set(steps), None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            self.handle = pl_module.model.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_non_finite_steps_are_skipped_without_touching_the_weights(text, tmp_path):
+    key = synthetic_cache(tmp_path, text, 8)
+    lit = tiny_lit(text, max_bad_steps=3)
+
+    class Snapshot(L.Callback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.model.parameters()]
+
+    snap = Snapshot()
+    trainer(6, [PoisonSteps({2, 3}), snap]).fit(lit, datamodule=datamodule(tmp_path, key, 4))
+    assert lit.bad_steps == 2 and lit.bad_in_a_row == 0  # steps 2 and 3 skipped; 4 and 5 trained again
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(snap.weights[a], snap.weights[b]))  # noqa: E731
+    assert same(2, 4)  # the two poisoned steps changed nothing
+    assert not same(1, 2) and not same(4, 5)  # the others did
+    assert all(torch.isfinite(p).all() for p in lit.model.parameters())
+    assert all(torch.isfinite(p).all() for p in lit.ema.parameters())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step(text, tmp_path):
+    key = synthetic_cache(tmp_path, text, 8)
+    lit = tiny_lit(text, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match=r"step \d+: the loss or gradients were not finite for 3 steps in a row"):
+        trainer(10, [PoisonSteps(range(1, 10))]).fit(lit, datamodule=datamodule(tmp_path, key, 4))
+    with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
+        tiny_lit(text, max_bad_steps=0)

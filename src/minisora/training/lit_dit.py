@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
@@ -64,6 +65,7 @@ class LitVideoDiT(L.LightningModule):
         t_shift: float | None = None,  # None: shift from the token count (resolution_shift)
         compile: bool = False,
         seed: int = 0,
+        max_bad_steps: int = 10,
     ):
         super().__init__()
         if prediction not in ("v", "x0"):
@@ -74,6 +76,8 @@ class LitVideoDiT(L.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.model = model
         # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export.
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -87,6 +91,8 @@ class LitVideoDiT(L.LightningModule):
         self.caption_dropout, self.prediction = caption_dropout, prediction
         self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
         self.compile, self.seed = compile, seed
+        # Steps whose loss or gradient was not finite: skipped (no update); this many in a row stop the run.
+        self.max_bad_steps, self.bad_steps, self.bad_in_a_row = max_bad_steps, 0, 0
         # Held outside the module tree (in a tuple) so checkpoints do not store the weights a second time.
         self._net = (torch.compile(model) if compile else model,)
         self.run_config: dict | None = None  # the resolved run config; saved into every checkpoint
@@ -155,9 +161,33 @@ class LitVideoDiT(L.LightningModule):
         self.ema.update_parameters(self.model)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), prog_bar=False)
+        """Log the gradient norm; skip the update when it is not finite (a NaN/inf loss gives NaN gradients).
+
+        Runs after backward and before clipping and the optimizer step: clearing every gradient makes AdamW
+        and AdamW8bit leave the weights and their state alone, so one bad batch costs one step, not the run.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack([g.detach().float().norm() for g in grads]).norm()
+        if torch.isfinite(norm):
+            self.bad_in_a_row = 0
+            self.log("train/grad_norm", norm, prog_bar=False)
+            return
+        for p in self.model.parameters():
+            p.grad = None
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        self.log("train/skipped_steps", float(self.bad_steps), prog_bar=False)
+        step = self.trainer.global_step if self._trainer is not None else -1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+            raise RuntimeError(
+                f"step {step}: the loss or gradients were not finite for {self.bad_in_a_row} steps in a row "
+                f"(dit_train.max_bad_steps={self.max_bad_steps}); stopping. Last good checkpoint: "
+                f"{ckpt or 'none written yet'}. Lower dit_train.lr, check the data, or resume from that checkpoint."
+            )
+        rank_zero_warn(f"step {step}: non-finite loss or gradient; step skipped ({self.bad_steps} so far)")
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
