@@ -183,3 +183,26 @@ def test_every_torch_load_in_the_package_is_weights_only():
             calls.append((path.name, m.group(1)))
     assert calls, "expected at least the loader's own torch.load"
     assert all("weights_only=True" in args for _, args in calls), calls
+
+
+class _Payload:
+    """Unpickling this calls Path.touch(marker): code that runs on an unsafe torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="pickled Python object .*cannot run code"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError):
+        load_dit_weights(evil, VideoDiT(in_channels=8, text_dim=32, hidden_size=32, depth=2, num_heads=2))
+    assert not marker.exists()  # nothing ran
+    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load does run it
+    assert marker.exists()
