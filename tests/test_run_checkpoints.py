@@ -34,3 +34,24 @@ def test_every_n_steps_checkpoints_at_epoch_ends_without_validation_after_them(t
     assert saved == ["last.ckpt", "step-000004.ckpt", "step-000006.ckpt"]  # the two newest are kept
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 6
+
+
+def test_resume_falls_back_past_a_corrupt_last_checkpoint(tmp_path, capsys):
+    from minisora.training.run import last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert last_checkpoint(tmp_path) is None
+    for step in (4, 6):
+        torch.save({"global_step": step, "w": torch.randn(1000)}, ckpts / f"step-{step:06d}.ckpt")
+    good = (ckpts / "step-000006.ckpt").read_bytes()
+    (ckpts / "last.ckpt").write_bytes(good)
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
+    (ckpts / "last.ckpt").write_bytes(good[: len(good) // 2])  # truncated, as by a full disk
+    assert last_checkpoint(tmp_path) == ckpts / "step-000006.ckpt"
+    flipped = bytearray(good)
+    flipped[len(good) // 3] ^= 0xFF  # one corrupted byte inside the stored tensor data
+    (ckpts / "step-000006.ckpt").write_bytes(bytes(flipped))
+    assert last_checkpoint(tmp_path) == ckpts / "step-000004.ckpt"
+    out = capsys.readouterr().out
+    assert "last.ckpt is incomplete or corrupt" in out and "step-000006.ckpt is incomplete or corrupt" in out

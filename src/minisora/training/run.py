@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,30 @@ def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> 
     )
 
 
+def readable_checkpoint(path: Path) -> bool:
+    """Whether `path` is a complete torch.save zip archive: a truncated or half-copied file fails its CRCs.
+
+    Lightning writes checkpoints atomically (temporary file, then rename), but a full disk, a copy between
+    machines or a kill during `cp` can still leave a broken last.ckpt, and resuming from it would fail.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
 def last_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a rerun resumes from: last.ckpt if present."""
-    last = folder / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    """The checkpoint a rerun resumes from: last.ckpt, else the newest readable step-*.ckpt (a warning each skip)."""
+    ckpts = folder / "checkpoints"
+    steps = sorted(ckpts.glob("step-*.ckpt"), key=lambda p: p.stem, reverse=True)  # zero-padded: newest first
+    for path in [ckpts / "last.ckpt", *steps]:
+        if not path.is_file():
+            continue
+        if readable_checkpoint(path):
+            return path
+        say(f"warning: {path} is incomplete or corrupt (not a readable checkpoint); trying an older one")
+    return None
 
 
 # ---- data ------------------------------------------------------------------------------------
