@@ -53,6 +53,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minisora.pipeline import DECODE_PIXELS  # output pixels per VAE decode call: the sampler's own constant
+
 GIB = 2**30
 MIB = 2**20
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -66,7 +68,6 @@ GLIBC_RSS_FACTOR = 1.88  # CPU peak RSS / live bytes with glibc's default malloc
 # plus CPU conv3d workspace. Calibrated: 450 MB for one 17x256x256 tile of vae/standard.yaml
 # (bench/sample-memory-B-cpu.json vae_tile_peak_mb) = 6.6 x 64 B x 1.11 M pixel-frames (residual -0.3%).
 VAE_DECODE_TENSORS = 6.6
-DECODE_PIXELS = 17 * 256 * 256  # pipeline.DECODE_PIXELS: output pixels per VAE decode call
 CLIP_VOCAB, CLIP_LAYERS = 49408, {512: 12, 768: 12, 1024: 24, 1280: 32}  # text towers by width (open_clip)
 
 # What one DiTBlock keeps for backward, per token: (what, D-wide tensors, mlp_ratio*D-wide tensors,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from minisora.bench.report import write_json
+from minisora.bench.report import parse_size, write_json
 
 TRAIN_CLIPS = ["17x256x256", "33x256x256", "17x512x512", "33x480x848"]
 SAMPLE_SIZE = (480, 848)
@@ -65,10 +65,10 @@ def cap_memory(budget_gb: float, device: torch.device) -> float:
 
 
 def train_search(preset: str, clip: str, device: torch.device, checkpointing: bool) -> dict:
-    from minisora.bench.train import latent_shape, measure_step, parse_clip
+    from minisora.bench.train import latent_shape, measure_step
     from minisora.bench.train import preset as preset_args
 
-    latent = latent_shape(*parse_clip(clip))
+    latent = latent_shape(*parse_size(clip))
     args = preset_args(preset)
 
     def fits(batch: int) -> bool:

@@ -6,6 +6,12 @@ import json
 from pathlib import Path
 
 
+def parse_size(text: str) -> tuple[int, int, int]:
+    """'17x256x256' -> (frames, height, width), as every benchmark's size options are written."""
+    T, H, W = (int(v) for v in text.lower().split("x"))
+    return T, H, W
+
+
 def write_json(path: str | None, results: dict) -> None:
     """Write `results` to `path` (parents created); nothing when path is None (no --json given)."""
     if not path:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minisora.bench.report import reset_peak_rss, rss_mb, write_json
+from minisora.bench.report import parse_size, reset_peak_rss, rss_mb, write_json
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -48,11 +48,6 @@ def section(path: Path, name: str) -> dict[str, Any]:
         merged = OmegaConf.merge(merged, OmegaConf.load(path.parent / base))
     merged = OmegaConf.merge(merged, cfg)
     return OmegaConf.to_container(merged.get(name, {}), resolve=True)
-
-
-def parse_size(text: str) -> tuple[int, int, int]:
-    T, H, W = (int(v) for v in text.lower().split("x"))
-    return T, H, W
 
 
 def build(preset: str, size: tuple[int, int, int], dtype: torch.dtype = torch.float32):

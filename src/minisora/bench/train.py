@@ -38,7 +38,7 @@ import torch
 
 from minisora import diffusion
 from minisora.bench.flops import dit_train_step_flops, mfu, peak_flops
-from minisora.bench.report import write_json
+from minisora.bench.report import parse_size, write_json
 from minisora.config import kwargs, load_config
 from minisora.models.dit import VideoDiT
 from minisora.training.lit_dit import build_optimizer
@@ -228,11 +228,6 @@ def variants(precision: str, optimizer: str, names: list[str]) -> list[tuple[str
     return [(aliases.get(n, n), table[aliases.get(n, n)]) for n in names]
 
 
-def parse_clip(text: str) -> tuple[int, int, int]:
-    frames, height, width = (int(v) for v in text.lower().split("x"))
-    return frames, height, width
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m minisora.bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["S", "B"], help="model presets (configs/model/*.yaml)")
@@ -270,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     context_length = 8 if args.quick else CONTEXT_LENGTH
     try:
         todo = variants(precision, args.optimizer, args.variants)
-        clips = [parse_clip(c) for c in args.clips]
+        clips = [parse_size(c) for c in args.clips]
         latents = [latent_shape(*c) for c in clips]
     except ValueError as e:
         parser.error(str(e))

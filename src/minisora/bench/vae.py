@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from minisora.bench.report import reset_peak_rss, rss_mb, write_json
-from minisora.bench.sample import CONFIGS, parse_size
+from minisora.bench.report import parse_size, reset_peak_rss, rss_mb, write_json
+from minisora.bench.sample import CONFIGS
 
 
 def build_vae(vae_path: str | None, config: str | None):
