@@ -67,7 +67,7 @@ def test_prepare_data_writes_a_complete_cache_that_matches_the_encoders(manifest
     assert folder.parent == tmp_path / "cache" and folder.name == dm.key
     assert {p.name for p in folder.iterdir()} == {"index.json", "captions.safetensors", "shard-00000.safetensors"}
     assert is_complete(folder, dm.key) and not is_complete(folder, "another-key")
-    assert not list((tmp_path / "cache").glob("*.partial"))
+    assert not list((tmp_path / "cache").glob(".*partial"))
 
     records, _ = load_records(str(manifest), "auto")
     index = json.loads((folder / "index.json").read_text())

@@ -55,3 +55,19 @@ def test_resume_falls_back_past_a_corrupt_last_checkpoint(tmp_path, capsys):
     assert last_checkpoint(tmp_path) == ckpts / "step-000004.ckpt"
     out = capsys.readouterr().out
     assert "last.ckpt is incomplete or corrupt" in out and "step-000006.ckpt is incomplete or corrupt" in out
+
+
+def test_resume_takes_the_newest_complete_step_when_last_was_not_replaced(tmp_path):
+    # A kill after step-8.ckpt was written but before last.ckpt was replaced: step 8 lives only in its file.
+    from minisora.training.run import last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for step, name in ((6, "step-000006.ckpt"), (6, "last.ckpt"), (8, "step-000008.ckpt")):
+        torch.save({"global_step": step, "w": torch.randn(100)}, ckpts / name)
+    assert last_checkpoint(tmp_path) == ckpts / "step-000008.ckpt"
+    torch.save({"global_step": 8, "w": torch.randn(100)}, ckpts / "last.ckpt")
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"  # a tie goes to last.ckpt
+    stale = ckpts / f".last.ckpt@{__import__('socket').gethostname()}-999999999.partial"
+    stale.write_bytes(b"half a checkpoint")
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt" and not stale.exists()  # a dead writer's partial goes

@@ -33,7 +33,9 @@ class TrainerConfig:
     accelerator: str = "auto"  # "cpu", "gpu", "auto"
     devices: str = "auto"  # "auto", a count ("2") or a list ("0,1")
     num_nodes: int = 1
-    strategy: str = "auto"  # "auto", "ddp", "fsdp", "deepspeed_stage_2"
+    strategy: str = "auto"  # "auto", "ddp", "fsdp", "deepspeed_stage_2" (training/strategy.py)
+    # Keyword arguments of that strategy's class, e.g. {sharding_strategy: SHARD_GRAD_OP} for FSDPStrategy.
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # "auto" = bf16-mixed on a GPU that supports it, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0

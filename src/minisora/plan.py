@@ -11,8 +11,8 @@ budget check adds a CUDA context and allocator slack (assumed, see GPU_CONTEXT_G
 Training (the DiT reads the latent cache: no VAE or text encoder on the device) holds fp32 weights, an fp32
 EMA copy (LitVideoDiT), optimizer state (AdamW 8 B/param, AdamW8bit 2.05 B/param measured), gradients and
 what autograd saved. SAVED_PER_BLOCK lists what one DiTBlock saves per token, read off dit.py and checked
-against torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py): 32 D-wide fp32 tensors (128 B x D per
-token) in fp32, 90 B x D under bf16 autocast (norms, QK-norm and RoPE stay fp32, so bf16 saves 30%, not
+against torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py): 34 D-wide fp32 tensors (136 B x D per
+token) in fp32, 90 B x D under bf16 autocast (norms, QK-norm and RoPE stay fp32, so bf16 saves 34%, not
 50%), plus 20 B per head (norm and softmax statistics) and 24 B (LayerNorm statistics). Attention runs
 through SDPA, which on a GPU is flash / memory-efficient: no N x N tensor, so memory is linear in tokens.
 torch 2.14's CPU SDPA is a flash kernel too (linear up to 6360 tokens in bench/sample-memory-B-cpu.json);
@@ -78,7 +78,7 @@ SAVED_PER_BLOCK = (
     ("LayerNorm 1, 2 outputs (adaLN scale)", 2, 0, 4, 4),
     ("qkv linear input", 1, 0, 4, 2),
     ("q, k, v buffer (v saved by SDPA)", 3, 0, 4, 2),
-    ("fp32 copies of q, k for QK-norm", 2, 0, 0, 4),
+    ("q, k / their row peak, fp32 (QK-norm's input)", 2, 0, 4, 4),
     ("QK-norm outputs (fp32)", 2, 0, 4, 4),
     ("q, k after RoPE (SDPA)", 2, 0, 4, 2),
     ("attention output, proj input", 2, 0, 4, 2),

@@ -7,8 +7,11 @@ libswscale while decoding so the short side fits (height, width), then cropped (
 Bad input never stops a run and never goes unreported. A file that cannot give the clip (empty,
 truncated, not a video, audio only, unreadable image, too short under short_policy="skip", too
 small to upscale) is remembered as bad in this process, warned about once (SkippedClipWarning naming
-the file and why), and the next record in index order is returned instead; the item's `skipped`
-lists what was passed over. Only when every record fails does the dataset raise, naming its source.
+the file and why), and another record is returned instead; the item's `skipped` lists what was
+passed over. Only when every record fails does the dataset raise, naming its source. The stand-in is
+`substitute_stride(N)` records further on (then twice that, ...), not the next one: a run of
+consecutive bad files (a corrupt folder) would otherwise make the one file after it appear once per
+bad file every epoch.
 
 Randomness: one numpy Generator per process, seeded from (seed, torch.initial_seed()). In a
 DataLoader worker torch.initial_seed() is the worker's seed, drawn from the loader's generator, so a
@@ -45,6 +48,19 @@ TRUNCATION_TOLERANCE = 0.02
 
 class SkippedClipWarning(UserWarning):
     """A file ClipDataset passed over; the message names the file and why."""
+
+
+def substitute_stride(n: int) -> int:
+    """A step coprime with n near n / golden ratio, so index + k * step (mod n), k = 0 .. n-1, visits every record once.
+
+    Consecutive bad indices i, i+1, ... get the stand-ins i+step, i+1+step, ...: different files spread over
+    the dataset. With step 1, 6 consecutive corrupt files among 16 made the next file 7 of an epoch's 16
+    items; with this step no file gets more than 3 (tests/test_data_faults.py).
+    """
+    step = max(1, round(n * 0.6180339887))
+    while math.gcd(step, n) != 1:
+        step += 1
+    return step % n or 1
 
 
 class ClipDataset(Dataset):
@@ -98,6 +114,7 @@ class ClipDataset(Dataset):
         self._media: dict[int, tuple[MediaInfo, int]] = {}  # record index -> (probe, usable frame count)
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int] | None = None
+        self._stride = substitute_stride(len(self.records))  # where a bad record's stand-in is looked for
 
     @classmethod
     def from_path(cls, path: str, format: str = "auto", **kwargs) -> ClipDataset:
@@ -112,7 +129,7 @@ class ClipDataset(Dataset):
         N = len(self.records)
         skipped: Skipped = []
         for k in range(N):
-            i = (index + k) % N
+            i = (index + k * self._stride) % N
             video = self._try(i, self._generator() if self.train else None)
             if video is not None:
                 r = self.records[i]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import warnings
 from collections import defaultdict
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 from minisora.data.clips import CROPS, SHORT_POLICIES, ClipDataset
 from minisora.data.sources import FORMATS, ClipRecord, load_records, short_list
@@ -26,7 +28,41 @@ def collate_clips(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "path": [it["path"] for it in items],
         "skipped": [s for it in items for s in it["skipped"]],
+        # Items that stand in for a bad record (a copy of another file's clip): the latent cache drops them.
+        "substitute": torch.tensor([bool(it["skipped"]) for it in items], dtype=torch.bool),  # (B,)
     }
+
+
+def rearm_worker_failure_handler() -> None:
+    """Let PyTorch reinstall its SIGCHLD handler (instant notice of a dead DataLoader worker) if a past fit removed it.
+
+    Lightning saves every signal handler when a fit starts and restores them all when it ends, so after a
+    fit that started workers SIGCHLD is back at its default while PyTorch still believes its handler is
+    installed. In any later fit or loader of the process (`minisora train` fits the VAE, then encodes the
+    latent cache and fits the DiT) a killed worker then went unnoticed until the loader's `timeout`:
+    30 s instead of 0.1 s in tests/test_data_faults.py. Call this before creating a loader with workers.
+    """
+    lost = signal.getsignal(signal.SIGCHLD) in (signal.SIG_DFL, None)
+    if lost and getattr(signal_handling, "_SIGCHLD_handler_set", False):
+        signal_handling._SIGCHLD_handler_set = False  # the next worker iterator installs the handler again
+
+
+def loader_failure_hint(exception: BaseException, timeout: float) -> str | None:
+    """What to do about PyTorch's terse "DataLoader timed out" / "worker exited unexpectedly" errors; None for others."""
+    message = str(exception) if isinstance(exception, RuntimeError) else ""
+    if message.startswith("DataLoader timed out"):
+        return (
+            f"a DataLoader worker produced no batch within timeout={timeout:g} s: a decoder stuck on a file or "
+            "stalled storage. num_workers=0 loads in the main process and shows where it hangs; raise the "
+            "data `timeout` if the storage is just slow."
+        )
+    if message.startswith("DataLoader worker") and ("exited unexpectedly" in message or "killed by signal" in message):
+        return (
+            "a DataLoader worker process died. Killed (SIGKILL) usually means the kernel's out-of-memory killer: "
+            "use fewer num_workers or a smaller batch_size. num_workers=0 loads in the main process and shows "
+            "a Python traceback if it is a crash."
+        )
+    return None
 
 
 def _source_root(path: str) -> str:
@@ -156,6 +192,8 @@ class VideoDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ClipDataset, train: bool) -> DataLoader:
         workers = self.num_workers > 0
+        if workers:
+            rearm_worker_failure_handler()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -177,3 +215,13 @@ class VideoDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("validate")
         return self._loader(self.val_set, train=False) if self.val_set is not None else []
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Attach a hint to a DataLoader timeout or a dead worker (Lightning calls this when a fit fails)."""
+        hint = loader_failure_hint(exception, self.timeout)
+        if hint is None:
+            return
+        if hasattr(exception, "add_note"):  # Python >= 3.11: printed right below the error
+            exception.add_note(f"VideoDataModule({self.path}): {hint}")
+        else:
+            rank_zero_warn(f"VideoDataModule({self.path}): {hint}")

@@ -23,11 +23,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minisora.data.clips import ClipDataset
-from minisora.data.datamodule import VideoDataModule, collate_clips
+from minisora.data.datamodule import VideoDataModule, collate_clips, rearm_worker_failure_handler
 from minisora.data.sources import load_records
+from minisora.files import partial_path, remove_stale_partials
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -50,7 +51,6 @@ def cache_key(data_options: dict[str, Any], vae_id: str, text_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def build_cache(
     batches: Iterable[dict[str, Any]],
     vae: torch.nn.Module,
@@ -62,11 +62,37 @@ def build_cache(
     shard_size: int = 4096,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Encode video batches (dicts with video, caption, label) into a cache folder; returns it."""
+    """Encode video batches (dicts with video, caption, label) into the cache folder `out`; returns it."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
+    remove_stale_partials(out.parent, out.name)  # left by a killed run
+    tmp = partial_path(out)  # unique per writer: two nodes encoding into one shared folder never mix shards
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        if not _write_cache(batches, vae, text_encoder, tmp, key=key, meta=meta, shard_size=shard_size, device=device):
+            raise ValueError(f"latent cache {out}: the dataset produced no clips to encode")
+        if is_complete(out, key):  # another process (a second node, a parallel run) finished the same cache first
+            return out
+        shutil.rmtree(out, ignore_errors=True)  # a stale or incomplete folder under the key
+        tmp.rename(out)  # the cache appears complete or not at all
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # an error, or a cache another process finished first
+
+
+@torch.no_grad()
+def _write_cache(
+    batches: Iterable[dict[str, Any]],
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tmp: Path,
+    *,
+    key: str,
+    meta: dict[str, Any] | None,
+    shard_size: int,
+    device: str | torch.device,
+) -> int:
+    """Shards, caption embeddings and index.json into `tmp` (layout: module docstring); returns the clip count."""
     captions: dict[str, int] = {}
     shard: dict[str, list[torch.Tensor]] = {"latents": [], "caption": [], "label": []}
     shards: list[str] = []
@@ -86,20 +112,22 @@ def build_cache(
     for batch in batches:
         for path, reason in batch.get("skipped", []):
             skipped[path] = reason
-        video = batch["video"].to(device)  # (B, 3, T, H, W)
+        keep = ~torch.as_tensor(batch.get("substitute", False)).expand(len(batch["caption"]))  # (B,)
+        if not keep.any():
+            continue
+        video = batch["video"][keep].to(device)  # (B, 3, T, H, W)
         z = vae.encode(video).float().cpu()  # (B, C, t, h, w), normalised
         latent_shape = list(z.shape[1:])
-        idx = [captions.setdefault(c, len(captions)) for c in batch["caption"]]
+        idx = [captions.setdefault(c, len(captions)) for c, k in zip(batch["caption"], keep) if k]
         shard["latents"].append(z.to(torch.float16))
         shard["caption"].append(torch.tensor(idx, dtype=torch.long))
-        shard["label"].append(torch.as_tensor(batch["label"], dtype=torch.long).reshape(-1))
+        shard["label"].append(torch.as_tensor(batch["label"], dtype=torch.long).reshape(-1)[keep])
         count += z.shape[0]
         if sum(x.shape[0] for x in shard["latents"]) >= shard_size:
             flush()
     flush()
     if count == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"latent cache {out}: the dataset produced no clips to encode")
+        return 0
 
     texts = list(captions)
     embs, masks = [], []
@@ -120,9 +148,7 @@ def build_cache(
         **(meta or {}),
     }
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the cache appears complete or not at all
-    return out
+    return count
 
 
 def is_complete(folder: str | Path, key: str | None = None) -> bool:
@@ -167,6 +193,7 @@ class LatentDataset(Dataset):
             "context_mask": self.context_mask[k],
             "label": int(self.label[j]),
             "caption": self.captions[k],
+            "index": j,  # the clip's row in the cache: which clips a rank or a bad step saw
         }
 
 
@@ -177,6 +204,7 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
         "context_mask": torch.stack([it["context_mask"] for it in items]),  # (B, L)
         "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),  # (B,)
         "caption": [it["caption"] for it in items],
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,)
     }
 
 
@@ -187,38 +215,60 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-class EpochSampler(Sampler):
-    """Shuffles by (seed, epoch), keeping its own epoch count; `start` resumes mid-epoch.
+class EpochSampler(DistributedSampler):
+    """Shuffles by (seed, epoch), keeping its own epoch count; deals each rank its share; `start` resumes mid-epoch.
+
+    Rank r of W takes positions r, r+W, r+2W, ... of the epoch's permutation (cut to a multiple of W), so
+    batch i of every rank together is positions [i*W*B, (i+1)*W*B): the very clips one process with batch
+    W*B would draw, which is what makes a W-GPU run train like a single-process run of the same global
+    batch. No clip is seen twice per epoch across ranks.
 
     The epoch count is the sampler's own (incremented per pass) because Lightning's set_epoch can be
-    off by one after a restore. A run resumed mid-epoch sets `epoch` and `start` from the global step,
-    and the first pass is rotated to begin at `start`: Lightning stops the restarted epoch after its
-    remaining batches, so training continues with the very batch the interrupted run would have drawn.
+    off by one after a restore. A run resumed mid-epoch sets `epoch` and `start` (in this rank's items)
+    from the global step, and the first pass is rotated to begin at `start`: Lightning stops the
+    restarted epoch after its remaining batches, so training continues with the very batch the
+    interrupted run would have drawn. (A DistributedSampler subclass, so Lightning does not wrap it.)
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size or n < world_size:
+            raise ValueError(f"EpochSampler: need 0 <= rank < world_size <= n, got rank {rank}, {world_size}, n {n}")
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n, self.epoch, self.start = n, 0, 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
+        W = self.num_replicas
+        mine = order[self.rank : len(self) * W : W]
         start, self.start = self.start, 0
         self.epoch += 1
-        return iter(order[start:] + order[:start])
+        return iter(mine[start:] + mine[:start])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the sampler counts its own passes (see the class docstring)."""
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
+    timeout: float = 0,
+) -> DataLoader:
+    if num_workers > 0:
+        rearm_worker_failure_handler()
+    sampler = EpochSampler(len(dataset), seed, rank, world_size) if shuffle else None
+    n = len(sampler) if sampler is not None else len(dataset)  # this rank's clips per epoch
     return DataLoader(
         dataset,
-        batch_size=min(batch_size, len(dataset)),
-        sampler=EpochSampler(len(dataset), seed) if shuffle else None,
-        drop_last=shuffle and len(dataset) >= batch_size,
+        batch_size=min(batch_size, n),
+        sampler=sampler,
+        drop_last=shuffle,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate_latents,
+        timeout=timeout if num_workers > 0 else 0,  # a hung worker surfaces as an error, not a silent stall
     )
 
 
@@ -255,8 +305,12 @@ class LatentDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         encode_batch_size: int = 16,
         seed: int = 0,
+        shared_filesystem: bool = True,
     ):
         super().__init__()
+        # On a cluster whose nodes share the cache folder, only global rank 0 encodes (the other ranks wait at
+        # Lightning's barrier); with node-local disks, the first process of every node builds its own copy.
+        self.prepare_data_per_node = not shared_filesystem
         if clips_per_video < 1 or batch_size < 1 or encode_batch_size < 1:
             raise ValueError("clips_per_video, batch_size and encode_batch_size must be >= 1")
         if not 0 <= val_fraction < 1:
@@ -292,6 +346,8 @@ class LatentDataModule(L.LightningDataModule):
         dataset = ClipDataset(
             records * self.clips_per_video, train=self.clips_per_video > 1, source=self.video.path, **self.video.clip_args
         )
+        if self.video.num_workers > 0:
+            rearm_worker_failure_handler()
         loader = DataLoader(
             dataset, batch_size=self.encode_batch_size, num_workers=self.video.num_workers,
             collate_fn=collate_clips, timeout=self.video.timeout if self.video.num_workers else 0,
@@ -318,8 +374,10 @@ class LatentDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        loader = make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed)
         trainer = self.trainer  # set by Lightning when this module is attached to a fit
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        loader = make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed, rank, world,
+                             self._timeout)  # fmt: skip
         if trainer is not None and trainer.global_step > 0:  # resuming: continue where the last run stopped
             per_epoch = len(loader)
             done = trainer.global_step * trainer.accumulate_grad_batches
@@ -330,4 +388,14 @@ class LatentDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return make_loader(self.val_set, self.batch_size, False, self.num_workers, self.seed)
+        return make_loader(self.val_set, self.batch_size, False, self.num_workers, self.seed, timeout=self._timeout)
+
+    @property
+    def _timeout(self) -> float:
+        """Seconds a loader worker may take per batch: the video module's `timeout` (none without one)."""
+        return getattr(self.video, "timeout", 0.0)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning calls this when a fit fails: a data-loader timeout or dead worker gets what to do about it."""
+        if self.video is not None:
+            self.video.on_exception(exception)

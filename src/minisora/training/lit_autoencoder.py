@@ -317,8 +317,8 @@ class LitAutoencoder(L.LightningModule):
         """Input | reconstruction side by side, as animated GIFs in TensorBoard (other loggers: skipped)."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return  # other ranks hold a dummy TensorBoard writer
         pair = torch.cat([video[:n], recon[:n].detach().clamp(-1, 1)], dim=-1).float()  # (n, 3, T, H, 2W)
         grid = rearrange(pair, "b c t h w -> t (b h) w c")  # stacked vertically: (T, n*H, 2W, 3)
         add_gif(self.logger.experiment, f"{stage}/input|reconstruction", grid, self.global_step)

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -129,15 +130,19 @@ class LitVideoDiT(L.LightningModule):
         x0 = batch["latents"]  # (B, C, T, H, W)
         B = x0.shape[0]
         train = stage == "train"
-        # t, noise and caption dropout come from a generator seeded by (seed, step, rank), not the global RNG,
-        # so a resumed run draws exactly what an uninterrupted one would; validation draws the same every
-        # time, so val/loss curves compare like with like.
-        key = (self.seed, self.global_step, self.global_rank) if train else (self.seed, -1 - batch_idx, 0)
+        # t, noise and caption dropout come from a generator seeded by (seed, step), not the global RNG, so a
+        # resumed run draws exactly what an uninterrupted one would. Each of `world` ranks draws them for the whole
+        # global batch and keeps rows rank::world, the rows its EpochSampler share holds: W processes with batch
+        # B train exactly like one with batch W*B. Validation draws the same every time (curves compare like
+        # with like).
+        world, rank = (self.trainer.world_size, self.global_rank) if train and self._trainer is not None else (1, 0)
+        # (The trailing 0 was the rank; kept so single-GPU runs draw what they drew before multi-GPU support.)
+        key = (self.seed, self.global_step, 0) if train else (self.seed, -1 - batch_idx, 0)
         gen = torch.Generator(device=x0.device).manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
-        t = diffusion.sample_t(B, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
-                               shift=self._shift(x0))  # (B,)
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
-        drop = (torch.rand(B, generator=gen, device=x0.device) < self.caption_dropout) if train else None
+        t = diffusion.sample_t(B * world, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
+                               shift=self._shift(x0))[rank::world]  # (B,)
+        noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=x0.device, dtype=x0.dtype)[rank::world]
+        drop = (torch.rand(B * world, generator=gen, device=x0.device)[rank::world] < self.caption_dropout) if train else None
         losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
         loss = losses.mean()
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=not train)
@@ -158,7 +163,14 @@ class LitVideoDiT(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Once per optimizer step (not per micro-batch), and before callbacks' on_train_batch_end, so a
         # step-N checkpoint holds the EMA of step N.
-        self.ema.update_parameters(self.model)
+        if self._keeps_ema():
+            self.ema.update_parameters(self.model)
+
+    def _keeps_ema(self) -> bool:
+        """Rank 0 alone keeps the EMA current (it writes checkpoints and samples); under FSDP each rank owns a shard."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return True
+        return self.trainer.is_global_zero or isinstance(self.trainer.strategy, FSDPStrategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm; skip the update when it is not finite (a NaN/inf loss gives NaN gradients).
@@ -170,7 +182,11 @@ class LitVideoDiT(L.LightningModule):
         if not grads:
             return
         norm = torch.stack([g.detach().float().norm() for g in grads]).norm()
-        if torch.isfinite(norm):
+        finite = bool(torch.isfinite(norm))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Under FSDP each rank sees only its shard of the gradients: every rank must skip if any saw a NaN.
+            finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if finite:
             self.bad_in_a_row = 0
             self.log("train/grad_norm", norm, prog_bar=False)
             return

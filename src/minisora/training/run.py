@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -13,16 +12,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from minisora.config import kwargs, save_config, to_plain
+from minisora.files import file_lock, remove_stale_partials
+from minisora.training.checkpoint_io import SafeCheckpointIO
+from minisora.training.strategy import build_strategy, uses_checkpoint_io
 
 log = logging.getLogger("minisora")
 
 
 def say(msg: str) -> None:
-    """Progress a user needs to trust a run; printed (rank 0 only) so it shows next to Lightning's output."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    """Progress a user needs to trust a run; printed (global rank 0 only) so it shows next to Lightning's output."""
+    if rank_zero_only.rank == 0:
         print(f"[minisora] {msg}", flush=True)
 
 
@@ -48,8 +51,15 @@ def devices(value: str) -> Any:
     return int(value)
 
 
-def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> L.Trainer:
-    """A Lightning Trainer from the `trainer` section: TensorBoard logs and periodic + last checkpoints."""
+def build_trainer(
+    tcfg: DictConfig, folder: Path, callbacks: list, tag: str, wrap: set[type] | None = None, find_unused: bool = False
+) -> L.Trainer:
+    """A Lightning Trainer from the `trainer` section: its strategy, TensorBoard logs, periodic + last checkpoints.
+
+    `wrap` and `find_unused` go to build_strategy (FSDP's wrap units; DDP with parameters a step may not use).
+    Checkpoints go through SafeCheckpointIO (atomic writes, free-space check, weights_only loads).
+    """
+    strategy = build_strategy(tcfg.strategy, to_plain(tcfg.strategy_options), wrap, find_unused)
     ckpt = ModelCheckpoint(
         dirpath=folder / "checkpoints",
         filename="step-{step:06d}",
@@ -69,7 +79,8 @@ def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> 
         accelerator=tcfg.accelerator,
         devices=devices(tcfg.devices),
         num_nodes=tcfg.num_nodes,
-        strategy=tcfg.strategy,
+        strategy=strategy,
+        plugins=[SafeCheckpointIO()] if uses_checkpoint_io(strategy) else None,
         precision=precision(tcfg.precision),
         accumulate_grad_batches=tcfg.accumulate_grad_batches,
         gradient_clip_val=tcfg.gradient_clip_val,
@@ -85,30 +96,39 @@ def build_trainer(tcfg: DictConfig, folder: Path, callbacks: list, tag: str) -> 
     )
 
 
-def readable_checkpoint(path: Path) -> bool:
-    """Whether `path` is a complete torch.save zip archive: a truncated or half-copied file fails its CRCs.
+def checkpoint_step(path: Path) -> int | None:
+    """The global step of a complete checkpoint; None when `path` is truncated or corrupt.
 
-    Lightning writes checkpoints atomically (temporary file, then rename), but a full disk, a copy between
-    machines or a kill during `cp` can still leave a broken last.ckpt, and resuming from it would fail.
+    A complete torch.save zip archive passes its CRC checks; a half-copied file, a full disk or a kill
+    during `cp` fails them. The step is read with mmap, so tensors stay on disk.
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
+            if archive.testzip() is not None:
+                return None
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return None
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a rerun resumes from: last.ckpt, else the newest readable step-*.ckpt (a warning each skip)."""
+    """The checkpoint a rerun resumes from: the complete one with the highest step (last.ckpt on a tie).
+
+    Usually last.ckpt; but a kill between writing step-N.ckpt and replacing last.ckpt leaves step N only in
+    the step file, and a corrupt last.ckpt must not cost the run its newest state. Partial files of a writer
+    killed mid-save are deleted first (the complete files they were to replace are still there).
+    """
     ckpts = folder / "checkpoints"
-    steps = sorted(ckpts.glob("step-*.ckpt"), key=lambda p: p.stem, reverse=True)  # zero-padded: newest first
-    for path in [ckpts / "last.ckpt", *steps]:
-        if not path.is_file():
-            continue
-        if readable_checkpoint(path):
-            return path
-        say(f"warning: {path} is incomplete or corrupt (not a readable checkpoint); trying an older one")
-    return None
+    for p in remove_stale_partials(ckpts):
+        say(f"removed {p}: a checkpoint write that did not finish (the run was killed while saving)")
+    best: tuple[int, int, Path] | None = None
+    for path in sorted(ckpts.glob("*.ckpt")) if ckpts.is_dir() else []:
+        step = checkpoint_step(path)
+        if step is None:
+            say(f"warning: {path} is incomplete or corrupt (not a readable checkpoint); resuming from another one")
+        elif best is None or (step, path.name == "last.ckpt") > best[:2]:
+            best = (step, path.name == "last.ckpt", path)
+    return best[2] if best else None
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -120,7 +140,8 @@ def ensure_data(cfg: DictConfig) -> None:
 
     out = Path(cfg.data.path).parent
     t0 = time.time()
-    manifest = make_shapes(out, **kwargs(cfg.shapes))
+    with file_lock(out / ".make_shapes.lock"):
+        manifest = make_shapes(out, **kwargs(cfg.shapes))
     say(f"shapes dataset: {manifest} ({time.time() - t0:.1f} s)")
 
 
@@ -139,7 +160,8 @@ def train_vae(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     ensure_data(cfg)
     folder = run_dir(cfg) / "vae"
-    save_config(cfg, folder / "config.yaml")
+    if rank_zero_only.rank == 0:
+        save_config(cfg, folder / "config.yaml")
     vae = VideoVAE(**kwargs(cfg.vae))
     lit = LitAutoencoder(vae, **kwargs(cfg.vae_train))
     data = VideoDataModule(**kwargs(cfg.data))
@@ -150,7 +172,9 @@ def train_vae(cfg: DictConfig) -> Path:
         f"VAE: {n_params / 1e6:.2f} M parameters; clip 3x{cfg.data.num_frames}x{cfg.data.height}x{cfg.data.width} "
         f"-> latent {C}x{t}x{h}x{w} ({ratio:.1f}x fewer values); run folder {folder}"
     )
-    trainer = build_trainer(cfg.vae_trainer, folder, [SkippedFilesLogger()], tag="vae")
+    # A GAN discriminator sits unused until disc_start: DDP must be told to expect that.
+    trainer = build_trainer(cfg.vae_trainer, folder, [SkippedFilesLogger()], tag="vae",
+                            find_unused=lit.discriminator is not None)  # fmt: skip
     resume = last_checkpoint(folder)
     if resume:
         say(f"resuming the VAE from {resume}")
@@ -159,7 +183,9 @@ def train_vae(cfg: DictConfig) -> Path:
     say(f"VAE trained in {time.time() - t0:.0f} s")
     # LitAutoencoder.on_train_end has stored the latent shift/scale in the VAE's buffers.
     out = vae_path(cfg) if not cfg.get("vae_weights") else folder / "vae.safetensors"
-    vae.save_pretrained(out)
+    if trainer.is_global_zero:
+        vae.save_pretrained(out)
+    trainer.strategy.barrier("vae saved")  # the other ranks load it next
     say(f"VAE saved to {out} (latent shift {vae.shift.mean():.3f}, scale {vae.scale.mean():.3f} on average)")
     return out
 
@@ -250,8 +276,9 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.data.datamodule import VideoDataModule
     from minisora.data.latents import LatentDataModule
     from minisora.models.text import TextEncoder
-    from minisora.training.sampling import SampleVideos
+    from minisora.models.dit import DiTBlock
     from minisora.training.lit_dit import LitVideoDiT
+    from minisora.training.sampling import SampleVideos
 
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -270,7 +297,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     lit.run_config = to_plain(cfg)
     say(describe_dit(cfg, model, vae, lit))
     sampler = SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))
-    trainer = build_trainer(cfg.trainer, folder, [sampler], tag="dit")
+    trainer = build_trainer(cfg.trainer, folder, [sampler], tag="dit", wrap={DiTBlock})
     if resume:
         say(f"resuming from {resume}")
     t0 = time.time()
@@ -291,7 +318,8 @@ def run_pipeline(cfg: DictConfig) -> None:
     """The embedded default: data -> VAE -> latent cache -> DiT -> samples (+ shapes scores)."""
     t0 = time.time()
     folder = run_dir(cfg)
-    save_config(cfg, folder / "config.yaml")
+    if rank_zero_only.rank == 0:
+        save_config(cfg, folder / "config.yaml")
     say(f"run folder: {folder} (resolved config in {folder / 'config.yaml'})")
     ensure_data(cfg)
     vae = load_or_train_vae(cfg)

@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from minisora.io import film_strip, save_video
 from minisora.pipeline import TextToVideoPipeline
@@ -87,6 +88,11 @@ class SampleVideos(L.Callback):
 
     @rank_zero_only
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Rank 0 holds only its shard of the EMA weights; the checkpoint (one full state dict) has them all.
+            if final:
+                rank_zero_warn("no samples during FSDP training: run `minisora sample --ckpt <run>` on the checkpoint")
+            return
         pipe = self.pipeline(trainer, pl_module)
         step = trainer.global_step
         out = self.folder / f"step-{step:06d}"

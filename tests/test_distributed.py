@@ -1,0 +1,117 @@
+"""Multi-process training: the real `minisora train` pipeline on 2 CPU processes (DDP over gloo).
+
+Lightning's launcher starts rank 1 by re-running the command, exactly as on a multi-GPU machine; the
+only difference from a user's run is the recording callback of tests/scripts/record_run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisora.data.latents import EpochSampler
+from tiny_run import ROOT, TINY_RUN
+
+SCRIPT = ROOT / "tests" / "scripts" / "record_run.py"
+
+
+def test_epoch_sampler_deals_disjoint_shares_that_interleave_into_the_global_batch():
+    n, world, batch = 23, 3, 2
+    one = list(EpochSampler(n, seed=5))
+    shares = [list(EpochSampler(n, seed=5, rank=r, world_size=world)) for r in range(world)]
+    assert all(len(s) == n // world for s in shares)
+    flat = [i for s in shares for i in s]
+    assert len(set(flat)) == len(flat)  # no clip twice in an epoch across ranks
+    # Batch i of every rank together is batch i of one process with batch world * batch.
+    for i in range(n // world // batch):
+        together = {x for s in shares for x in s[i * batch : (i + 1) * batch]}
+        assert together == set(one[i * world * batch : (i + 1) * world * batch])
+    # Each rank's next pass is the next epoch's shuffle, not a repeat; set_epoch (Lightning's) is ignored.
+    sampler = EpochSampler(n, seed=5, rank=1, world_size=world)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) != first
+    with pytest.raises(ValueError, match="rank"):
+        EpochSampler(n, seed=0, rank=3, world_size=3)
+
+
+def run_cli(tmp: Path, tag: str, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECORD_DIR": str(tmp), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    args = [
+        *TINY_RUN, f"run_dir={tmp / 'runs'}", f"data.path={tmp / 'data' / 'shapes' / 'manifest.csv'}",
+        f"latents.cache_root={tmp / 'cache'}", "trainer.accelerator=cpu", "vae_trainer.accelerator=cpu",
+        "trainer.max_steps=4", "trainer.limit_val_batches=0", "dit_train.optimizer=adamw", "dit_train.warmup_steps=1",
+        *overrides,
+    ]  # fmt: skip
+    cmd = [*launcher, str(SCRIPT), "train", "--config", "configs/shapes.yaml", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{tag} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_two_process_ddp_sees_disjoint_data_and_writes_the_single_process_checkpoint(tmp_path):
+    ddp = run_cli(
+        tmp_path, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
+        "vae_trainer.devices=2", "vae_trainer.strategy=ddp",
+    )  # fmt: skip
+    ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
+    assert "resuming" not in ddp.stdout
+    # The VAE trained under DDP too, and rank 0 alone wrote it; the cache was encoded once.
+    vae = tmp_path / "runs" / "ddp" / "vae" / "vae.safetensors"
+    assert vae.is_file()
+    caches = [p for p in (tmp_path / "cache").iterdir()]
+    assert len(caches) == 1 and not caches[0].name.endswith("partial"), caches
+    # 11 training clips (12 minus 1 for validation): each rank gets 5 a pass, in 2 batches of 2.
+    per_epoch = 2
+    for epoch in range(2):
+        seen = [b for r in ranks for b in r["batches"][epoch * per_epoch : (epoch + 1) * per_epoch]]
+        flat = [i for b in seen for i in b]
+        assert len(flat) == 8 and len(set(flat)) == 8, f"epoch {epoch}: a clip was seen twice across ranks: {seen}"
+
+    # One process with the global batch (2 ranks x 2) draws the same clips, the same noise, the same steps.
+    run_cli(tmp_path, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}")
+    single = json.loads((tmp_path / "dit-rank0.json").read_text())  # overwritten by the single run's rank 0
+    assert single["world"] == 1
+    for i, batch in enumerate(single["batches"]):
+        assert set(batch) == set(ranks[0]["batches"][i]) | set(ranks[1]["batches"][i])
+    assert len(caches) == len(list((tmp_path / "cache").iterdir()))  # the single run reused the cache
+
+    def load(name: str) -> dict:
+        path = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    a, b = load("ddp"), load("single")
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # the model and its EMA (kept by rank 0)
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for k in opt_a:
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=1e-3, atol=1e-8)
+    # Training moved the zero-initialised output layer, so the equality above is of trained weights.
+    assert a["state_dict"]["model.final_layer.linear.weight"].abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_same_command_without_code_changes(tmp_path):
+    # torchrun starts both ranks at once: shapes data, the VAE file and the cache must still be made once.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run_cli(
+        tmp_path, "torchrun", "name=tr", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
+        "vae_trainer.devices=2", "vae_trainer.strategy=ddp", launcher=(str(torchrun), "--nproc_per_node", "2"),
+    )  # fmt: skip
+    ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
+    assert not {i for b in ranks[0]["batches"][:2] for i in b} & {i for b in ranks[1]["batches"][:2] for i in b}
+    assert len(list((tmp_path / "data" / "shapes" / "clips").glob("*.mp4"))) == 12
+    assert (tmp_path / "runs" / "tr" / "vae" / "vae.safetensors").is_file()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
