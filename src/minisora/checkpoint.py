@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minisora.models.lora import is_lora_state, merged_state
 from minisora.models.state_dict import mismatch_report
 
 FORMAT = "minisora-dit-1"  # the `format` metadata of an exported model.safetensors
@@ -166,7 +167,21 @@ def read_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.Te
         info["config"] = ckpt.get("minisora_config")
     if info["config"] is None and file.parent.name == "checkpoints" and (file.parent.parent / "config.yaml").is_file():
         info["config"] = read_config_file(file.parent.parent / "config.yaml")
+    if is_lora_state(state):  # a LoRA fine-tuning run: fold its adapters into the base weights
+        state = _merge_lora(state, info["config"], file)
+        info["lora_merged"] = True
     return state, info
+
+
+def _merge_lora(state: dict[str, torch.Tensor], config: dict[str, Any] | None, file: Path) -> dict[str, torch.Tensor]:
+    if not config or not config.get("lora"):
+        raise CheckpointError(f"{file}: holds LoRA tensors but no `lora` settings in its config to merge them with")
+    model = config["model"]
+    pt, ph, pw = model.get("patch_size") or [1, 2, 2]
+    args = {**model, "in_channels": state["x_embedder.weight"].shape[1] // (pt * ph * pw)}
+    if (text_dim := _text_dim(state)) is not None:
+        args["text_dim"] = text_dim
+    return merged_state(state, args, config["lora"])
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -250,7 +265,7 @@ def dit_args(config: dict[str, Any], latent_channels: int, text_dim: int | None)
 
 def _text_dim(state: dict[str, torch.Tensor]) -> int | None:
     """Text width read from the first cross-attention's key/value projection (None for models without text)."""
-    kv = next((v for k, v in state.items() if k.endswith("cross_attn.kv.weight")), None)
+    kv = next((v for k, v in state.items() if k.endswith(("cross_attn.kv.weight", "cross_attn.kv.base_layer.weight"))), None)
     return int(kv.shape[1]) if kv is not None else None
 
 

@@ -89,6 +89,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _user_errors("export", run_export, args)
 
 
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from minisora.sample import run_merge_lora
+
+    return _user_errors("merge-lora", run_merge_lora, args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from minisora.plan_report import run_plan
 
@@ -146,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    from minisora.sample import add_export_args, add_sample_args
+    from minisora.sample import add_export_args, add_merge_lora_args, add_sample_args
 
     p = sub.add_parser("sample", help="sample videos from a checkpoint, run folder or exported folder")
     add_sample_args(p)
@@ -155,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to safetensors + config.yaml (no Lightning, no pickle)")
     add_export_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base: an exported folder with merged weights")
+    add_merge_lora_args(p)
+    p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget table")
     from minisora.plan_report import add_plan_args
@@ -171,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from minisora.checkpoint import CheckpointError
     from minisora.config import ConfigError
     from minisora.io import MediaError
+    from minisora.models.lora import LoraError
 
     try:
         return args.func(args)
-    except (ConfigError, MediaError, FileNotFoundError) as e:
+    except (ConfigError, MediaError, CheckpointError, LoraError, FileNotFoundError) as e:
         # A user error: one clear line, no traceback wall.
         print(f"minisora {args.command}: error: {e}", file=sys.stderr)
         return 2

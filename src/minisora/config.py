@@ -89,7 +89,7 @@ def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
         "text": (TextEncoder, ()),
         "model": (VideoDiT, ()),
         "latents": (LatentDataModule, ("video", "vae", "text_encoder")),
-        "dit_train": (LitVideoDiT, ("model", "null_context", "null_mask")),
+        "dit_train": (LitVideoDiT, ("model", "null_context", "null_mask", "text_encoder")),
         "sample": (SampleVideos, ("vae", "text_encoder", "folder")),
     }
 
@@ -110,9 +110,12 @@ def schema() -> type:
         sch = _section_schema(cls, skip)
         fields.append((section, sch, field(default_factory=sch)))
     from minisora.data.shapes import make_shapes
+    from minisora.models.lora import lora_settings
 
     # Options of the synthetic dataset written next to data.path; null for real data.
     fields.append(("shapes", _section_schema(make_shapes, ("out", "force")) | None, field(default=None)))
+    # LoRA fine-tuning of the DiT (configs/finetune/lora.yaml); null trains every weight.
+    fields.append(("lora", _section_schema(lora_settings) | None, field(default=None)))
     return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 
@@ -149,9 +152,9 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise _explain(e, source) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Load an experiment: schema defaults <- `base:` files <- `path` <- `key=value` overrides."""
-    cfg = OmegaConf.structured(schema())
+def _layers(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> list[tuple[DictConfig, str]]:
+    """The config layers above the schema, lowest first: `base:` files, the experiment file, each override."""
+    layers: list[tuple[DictConfig, str]] = []
     if path is not None:
         path = Path(path)
         layer = _read_yaml(path)
@@ -163,17 +166,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             blayer = _read_yaml(bpath)
             if "base" in blayer:
                 raise ConfigError(f"{bpath}: a base file cannot have its own 'base' (one level only)")
-            cfg = _merge(cfg, blayer, str(bpath))
-        cfg = _merge(cfg, layer, str(path))
+            layers.append((blayer, str(bpath)))
+        layers.append((layer, str(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. trainer.max_steps=100)")
         key = item.split("=", 1)[0]
         try:
-            dotlist = OmegaConf.from_dotlist([item])
+            layers.append((OmegaConf.from_dotlist([item]), f"command line ({key})"))
         except OmegaConfBaseException as e:
             raise ConfigError(f"command line: cannot parse {item!r}: {e}") from None
-        cfg = _merge(cfg, dotlist, f"command line ({key})")
+    return layers
+
+
+# Keys of a base run's config that describe that run, not the model a fine-tune continues.
+NOT_INHERITED = ("name", "run_dir", "init_from", "shapes", "lora", "vae_weights")
+
+
+def finetune_base(init_from: str) -> tuple[DictConfig, str]:
+    """The config layer a fine-tune starts from: the `init_from` checkpoint's own run config.
+
+    Model, text encoder, autoencoder (its file), clip size, sampling and training settings continue
+    from the base; the fine-tune's experiment file and command line change what they name.
+    """
+    from minisora.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(init_from)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    base = {k: v for k, v in ckpt.config.items() if k not in NOT_INHERITED}
+    base["vae_weights"] = str(ckpt.vae_path)  # the base's latent space: the DiT only works on it
+    return OmegaConf.create(base), f"init_from {ckpt.source} (its run config)"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load an experiment: schema defaults <- `base:` files <- `path` <- `key=value` overrides.
+
+    With `init_from` set, the base checkpoint's run config goes in right above the schema defaults
+    (finetune_base), so a fine-tune config only names what changes.
+    """
+    layers = _layers(path, overrides)
+    cfg = OmegaConf.structured(schema())
+    for layer, source in layers:
+        cfg = _merge(cfg, layer, source)
+    if cfg.init_from:
+        base = finetune_base(cfg.init_from)
+        cfg = OmegaConf.structured(schema())
+        for layer, source in [base, *layers]:
+            cfg = _merge(cfg, layer, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")

@@ -85,11 +85,15 @@ class TextToVideoPipeline:
         dtype: str | torch.dtype | None = None,
         ema: bool = True,
         offload: bool = False,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> TextToVideoPipeline:
         """Load a Lightning checkpoint, a run folder (its newest checkpoint) or an exported folder.
 
         dtype applies to the DiT (default float32; "bf16" halves its memory); the autoencoder and text
         encoder run in float32. ema=False takes the raw training weights of a Lightning checkpoint.
+        lora: an adapter file (<LoRA run>/lora/adapter.safetensors) merged into the weights at lora_scale
+        (1 = as trained); it must have been trained on a base of this architecture.
         """
         from minisora.checkpoint import check_state_dict, dit_args, load_checkpoint
         from minisora.models.autoencoder import load_autoencoder
@@ -101,9 +105,17 @@ class TextToVideoPipeline:
         vae = load_autoencoder(ckpt.vae_path)
         condition = cfg["model"].get("condition", "text")
         text = TextEncoder(**cfg.get("text", {})) if condition == "text" else None
-        model = VideoDiT(**dit_args(cfg, vae.latent_channels, text.dim if text is not None else None))
+        args = dit_args(cfg, vae.latent_channels, text.dim if text is not None else None)
+        model = VideoDiT(**args)
         check_state_dict(ckpt.state_dict, model, ckpt.source)
         model.load_state_dict(ckpt.state_dict)
+        if lora is not None:
+            from minisora.models.lora import load_adapter, merge_lora
+
+            load_adapter(lora, model, args, text=text, scale=lora_scale)
+            merge_lora(model)  # plain layers again: sampling runs at the base model's speed
+            if text is not None:
+                merge_lora(text)
         model.to(device=device, dtype=resolve_dtype(dtype))
         if not offload:
             vae.to(device)

@@ -141,7 +141,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     device = args.device or default_device()
     t0 = time.time()
     pipe = TextToVideoPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype or default_dtype(device),
-                                               ema=not args.raw_weights, offload=args.offload)  # fmt: skip
+                                               ema=not args.raw_weights, offload=args.offload,
+                                               lora=args.lora, lora_scale=args.lora_scale)  # fmt: skip
     sample_cfg = pipe.config.get("sample", {})
     prompts = prompts or list(sample_cfg.get("prompts") or DEFAULT_PROMPTS)
     steps = args.steps or sample_cfg.get("steps", 25)
@@ -211,6 +212,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep the text encoder and VAE on the CPU until used")
     p.add_argument("--no-cfg-batch", action="store_true", help="run cond and uncond as two calls (less memory)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--lora", help="a LoRA adapter (<LoRA run>/lora/adapter.safetensors) to apply to --ckpt")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1 = as trained)")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -218,4 +221,33 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write config.yaml, model.safetensors, vae.safetensors")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16 for model.safetensors")
     p.add_argument("--raw-weights", action="store_true", help="export the raw training weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+
+
+def run_merge_lora(args: argparse.Namespace) -> Path:
+    """merge-lora: base + adapter -> an exported folder whose weights include the adapter (no peft needed to use it)."""
+    from minisora.models.lora import read_adapter
+    from minisora.pipeline import TextToVideoPipeline
+
+    if any(k.startswith("text.") for k in read_adapter(args.lora)[0]):
+        raise SampleError(
+            f"{args.lora}: this adapter also changes the text encoder, which an exported folder does not store; "
+            f"sample with --ckpt {args.ckpt} --lora {args.lora} instead"
+        )
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() and not args.overwrite:
+        raise SampleError(f"{out}: already holds an export (model.safetensors); pass --overwrite to replace it")
+    pipe = TextToVideoPipeline.from_pretrained(args.ckpt, lora=args.lora, lora_scale=args.scale)
+    folder = pipe.save_pretrained(out, dtype=args.dtype)
+    for name in ("config.yaml", "model.safetensors", "vae.safetensors"):
+        print(folder / name)
+    return folder
+
+
+def add_merge_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="the base: run folder, .ckpt file or exported folder")
+    p.add_argument("--lora", required=True, help="the adapter (<LoRA run>/lora/adapter.safetensors)")
+    p.add_argument("--scale", type=float, default=1.0, help="strength of the adapter (default 1 = as trained)")
+    p.add_argument("--out", required=True, help="folder for config.yaml, model.safetensors, vae.safetensors")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")

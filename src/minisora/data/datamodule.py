@@ -130,8 +130,10 @@ class VideoDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         timeout: float = 120.0,
         seed: int = 0,
+        manifest: str | None = None,
     ):
         super().__init__()
+        path = manifest or path  # `data.manifest=clips.csv` reads as what it is; same as data.path
         for name, value, allowed in (
             ("format", format, FORMATS),
             ("crop", crop, CROPS),

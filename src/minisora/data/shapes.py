@@ -220,9 +220,10 @@ def _options(
     }
 
 
-def _combination_order(num: int, seed: int) -> list[tuple[str, str, str]]:
-    """Cycle through the train combinations, reshuffled each cycle, so counts differ by at most one."""
-    combos = train_combinations()
+def _combination_order(num: int, seed: int, colors: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """Cycle through the train combinations (of `colors` only, if given), reshuffled each cycle, so counts differ
+    by at most one."""
+    combos = [c for c in train_combinations() if colors is None or c[0] in colors]
     rng = np.random.default_rng([seed, 0])
     order: list[tuple[str, str, str]] = []
     while len(order) < num:
@@ -251,17 +252,24 @@ def make_shapes(
     width: int | None = None,
     object_size: float | None = None,
     speed: float | None = None,
+    colors: list[str] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `num` train clips to out/clips/, out/manifest.csv, out/heldout.csv and out/shapes.json.
 
     Returns the manifest path. Skips the work when out/shapes.json shows data made with the same
-    options (unless `force`). Deterministic for a seed; clip i depends only on (seed, i).
+    options (unless `force`). Deterministic for a seed; clip i depends only on (seed, i). `colors`
+    limits the clips to those colours (a colour held out of a base model, or the only one of a fine-tune).
     """
     if num < 1:
         raise ValueError(f"make_shapes: num must be >= 1, got {num}")
+    for color in colors or []:
+        if color not in COLORS:
+            raise ValueError(f"make_shapes: unknown colour {color!r} in colors; expected some of {', '.join(COLORS)}")
     out = Path(out)
     options = _options(num, seed, size, width, num_frames, fps, object_size, speed)
+    if colors:  # recorded only when set, so data made before this option existed stays up to date
+        options["colors"] = sorted(colors)
     if not force and _up_to_date(out, options):
         return out / "manifest.csv"
     H, W = size, width or size
@@ -276,7 +284,7 @@ def make_shapes(
 
     digits = max(5, len(str(num - 1)))
     rows = []
-    for i, (color, shape, direction) in enumerate(_combination_order(num, seed)):
+    for i, (color, shape, direction) in enumerate(_combination_order(num, seed, colors)):
         frames = render_clip(
             color, shape, direction, size=size, width=width, num_frames=num_frames,
             object_size=object_size, speed=speed, rng=np.random.default_rng([seed, 1, i]),

@@ -131,9 +131,16 @@ class TextEncoder(nn.Module):
             )
         return tokens, mask
 
-    @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (B strings) -> emb (B, L, D) float32, mask (B, L) bool (True = real token)."""
+        """prompts (B strings) -> emb (B, L, D) float32, mask (B, L) bool (True = real token).
+
+        Without gradients, unless LoRA layers were added (models/lora.py): then they train through it.
+        """
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(trainable):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             raise TypeError("TextEncoder expects a list of prompts, got a single string; wrap it in a list")
         device = self.text.positional_embedding.device
@@ -149,5 +156,6 @@ class TextEncoder(nn.Module):
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding and mask (1, L, D), (1, L) of the empty prompt, computed once (classifier-free guidance)."""
         if self._null_emb is None:
-            self._null_emb, self._null_mask = self([""])
+            with torch.no_grad():  # a constant, even when LoRA layers train through the encoder
+                self._null_emb, self._null_mask = self([""])
         return self._null_emb, self._null_mask

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
@@ -43,6 +44,26 @@ def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: 
     return f
 
 
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Stop training the parameters whose names match any regex in `patterns` (re.match); returns their names.
+
+    Each pattern must match at least one parameter (a typo must not silently train everything).
+    """
+    frozen: list[str] = []
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        hits = [n for n in names if re.match(pattern, n)]
+        if not hits:
+            raise ValueError(
+                f"dit_train.freeze: {pattern!r} matches no DiT parameter; names look like {', '.join(names[:6])}, ..."
+            )
+        frozen += [n for n in hits if n not in frozen]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 class LitVideoDiT(L.LightningModule):
     """Rectified-flow training of a VideoDiT on cached latents (batches from LatentDataModule)."""
 
@@ -67,6 +88,8 @@ class LitVideoDiT(L.LightningModule):
         compile: bool = False,
         seed: int = 0,
         max_bad_steps: int = 10,
+        freeze: list[str] | None = None,
+        text_encoder: torch.nn.Module | None = None,
     ):
         super().__init__()
         if prediction not in ("v", "x0"):
@@ -80,6 +103,10 @@ class LitVideoDiT(L.LightningModule):
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.model = model
+        self.frozen = freeze_parameters(model, freeze or [])
+        # A text encoder here trains with the DiT (LoRA on its MLPs): captions are encoded at every step instead
+        # of read from the latent cache. None: the cached embeddings are used.
+        self.text_encoder = text_encoder
         # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export.
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
@@ -106,6 +133,10 @@ class LitVideoDiT(L.LightningModule):
     # ---- conditioning -------------------------------------------------------------------------
     def _cond(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Model keyword arguments for a batch; rows where `drop` is True get the null condition."""
+        if self.model.condition == "text" and self.text_encoder is not None:
+            keep = [True] * len(batch["caption"]) if drop is None else (~drop).tolist()
+            context, mask = self.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep)])
+            return {"context": context, "context_mask": mask}  # (B, L, D), (B, L); "" is the null prompt
         if self.model.condition == "text":
             context, mask = batch["context"], batch["context_mask"]  # (B, L, D), (B, L)
             if drop is not None and drop.any():
@@ -126,10 +157,10 @@ class LitVideoDiT(L.LightningModule):
         return diffusion.resolution_shift(self.model.tokens(T, H, W))
 
     # ---- steps ------------------------------------------------------------------------------
-    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
+    def _losses(self, batch: dict[str, Any], train: bool, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample rectified-flow losses (B,) and their timesteps t (B,) for a batch."""
         x0 = batch["latents"]  # (B, C, T, H, W)
         B = x0.shape[0]
-        train = stage == "train"
         # t, noise and caption dropout come from a generator seeded by (seed, step), not the global RNG, so a
         # resumed run draws exactly what an uninterrupted one would. Each of `world` ranks draws them for the whole
         # global batch and keeps rows rank::world, the rows its EpochSampler share holds: W processes with batch
@@ -144,6 +175,12 @@ class LitVideoDiT(L.LightningModule):
         noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=x0.device, dtype=x0.dtype)[rank::world]
         drop = (torch.rand(B * world, generator=gen, device=x0.device)[rank::world] < self.caption_dropout) if train else None
         losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
+        return losses, t
+
+    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
+        train = stage == "train"
+        losses, t = self._losses(batch, train, batch_idx)
+        B = losses.shape[0]
         loss = losses.mean()
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=not train)
         bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
@@ -152,6 +189,20 @@ class LitVideoDiT(L.LightningModule):
             if sel.any():
                 self.log(f"{stage}/loss_t{k}", losses[sel].mean(), batch_size=int(sel.sum()), sync_dist=not train)
         return loss
+
+    @torch.no_grad()
+    def evaluate_loss(self, loader, max_batches: int | None = None) -> float | None:
+        """Mean validation loss over `loader` (the first max_batches), as validation computes it; None if empty."""
+        was_training, total, count = self.training, 0.0, 0
+        self.eval()
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_data_to_device(batch, self.device)
+            losses, _ = self._losses(batch, False, i)
+            total, count = total + float(losses.sum()), count + losses.shape[0]
+        self.train(was_training)
+        return total / count if count else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train", batch_idx)
@@ -178,7 +229,7 @@ class LitVideoDiT(L.LightningModule):
         Runs after backward and before clipping and the optimizer step: clearing every gradient makes AdamW
         and AdamW8bit leave the weights and their state alone, so one bad batch costs one step, not the run.
         """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
         norm = torch.stack([g.detach().float().norm() for g in grads]).norm()
@@ -190,7 +241,7 @@ class LitVideoDiT(L.LightningModule):
             self.bad_in_a_row = 0
             self.log("train/grad_norm", norm, prog_bar=False)
             return
-        for p in self.model.parameters():
+        for p in self.parameters():
             p.grad = None
         self.bad_steps += 1
         self.bad_in_a_row += 1
@@ -206,9 +257,10 @@ class LitVideoDiT(L.LightningModule):
         rank_zero_warn(f"step {step}: non-finite loss or gradient; step skipped ({self.bad_steps} so far)")
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Trainable only: LoRA adapters (DiT and text tower) or the blocks not frozen; never the EMA copy.
+        params = [p for p in self.parameters() if p.requires_grad]
         opt = build_optimizer(params, self.optimizer_name, self.lr, self.weight_decay, self.betas)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10**6
+        total = self._trainer.max_steps if self._trainer is not None and self._trainer.max_steps > 0 else 10**6
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.warmup_steps, self.schedule, total, self.min_lr_ratio)
         )

@@ -277,6 +277,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.data.latents import LatentDataModule
     from minisora.models.text import TextEncoder
     from minisora.models.dit import DiTBlock
+    from minisora.training import finetune
     from minisora.training.lit_dit import LitVideoDiT
     from minisora.training.sampling import SampleVideos
 
@@ -287,23 +288,33 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     latents = LatentDataModule(video, vae, text, **kwargs(cfg.latents))
     model = build_dit(cfg, vae.latent_channels, text.dim)
     resume = last_checkpoint(folder)
-    if cfg.get("init_from") and not resume:  # a rerun resumes its own checkpoint instead
-        from minisora.checkpoint import load_dit_weights
-
-        info = load_dit_weights(cfg.init_from, model)  # before LitVideoDiT: the EMA starts from these weights
-        say(f"initialised the DiT from {cfg.init_from} ({info.get('weights', 'weights')}, step {info.get('step')})")
+    latents.key  # noqa: B018  (fixed now: LoRA layers added to the text tower below must not change the cache key)
     null, null_mask = text.null_embedding()
-    lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], **kwargs(cfg.dit_train))
+    # Before LitVideoDiT: its EMA starts from the loaded (and LoRA-wrapped) weights.
+    report, adapter = finetune.prepare(cfg, model, text, resumed=resume is not None)
+    live_text = text if cfg.get("lora") and cfg.lora.text_encoder else None
+    lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], text_encoder=live_text, **kwargs(cfg.dit_train))
     lit.run_config = to_plain(cfg)
     say(describe_dit(cfg, model, vae, lit))
-    sampler = SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))
-    trainer = build_trainer(cfg.trainer, folder, [sampler], tag="dit", wrap={DiTBlock})
     if resume:
         say(f"resuming from {resume}")
+    for line in report:
+        say(line)
+    if lit.frozen:
+        say(f"frozen by dit_train.freeze: {len(lit.frozen)} tensors ({', '.join(lit.frozen[:4])}{', ...' if len(lit.frozen) > 4 else ''})")
+    callbacks = [SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))]
+    if resume or cfg.get("init_from"):
+        callbacks.append(finetune.StartLoss(cfg.trainer.limit_val_batches))
+    if adapter:
+        callbacks.append(finetune.SaveLoraAdapter(folder / "lora" / "adapter.safetensors", **adapter))
+    sampler = callbacks[0]
+    trainer = build_trainer(cfg.trainer, folder, callbacks, tag="dit", wrap={DiTBlock})
     t0 = time.time()
     trainer.fit(lit, datamodule=latents, ckpt_path=str(resume) if resume else None)
     say(f"DiT trained to step {trainer.global_step} in {time.time() - t0:.0f} s; checkpoints in {folder / 'checkpoints'}")
     say(f"samples: {folder / 'samples'}")
+    if adapter:
+        say(f"LoRA adapter: {folder / 'lora' / 'adapter.safetensors'} (minisora sample --ckpt <base> --lora <it>)")
     if sampler.metrics:
         m = sampler.metrics
         say(
