@@ -108,3 +108,22 @@ def test_what_a_user_gets_wrong_first(in_root, capsys):
     bogus.write_bytes(b"not an adapter")
     code = main(["sample", "--ckpt", "runs/shapes", "--lora", str(bogus), "--frames", "5", "--steps", "1"])
     assert code == 2 and "bogus.safetensors: not a LoRA adapter" in capsys.readouterr().err
+
+
+def test_lora_on_the_text_encoder_trains_it_and_travels_in_the_adapter(in_root, capsys):
+    from minisora.models.lora import read_adapter
+
+    assert train(LORA, "init_from=runs/shapes", "name=lora_text", "lora.rank=4", "lora.text_encoder=true",
+                 "dit_train.optimizer=adamw", "dit_train.lr=0.05", *SHORT) == 0  # fmt: skip
+    assert "LoRA on the text encoder's MLPs" in capsys.readouterr().out
+    adapter = Path("runs/lora_text/lora/adapter.safetensors")
+    tensors, meta = read_adapter(adapter)
+    text = {k: v for k, v in tensors.items() if k.startswith("text.")}
+    assert text and all(".mlp.c_" in k for k in text)
+    assert any(v.abs().max() > 0 for k, v in text.items() if "lora_B" in k)  # it trained (lora_B starts at 0)
+    kw = dict(num_frames=5, height=32, width=32, steps=2, seed=3)
+    plain = TextToVideoPipeline.from_pretrained("runs/shapes")(["a red circle moving left"], **kw)[0]
+    tuned = TextToVideoPipeline.from_pretrained("runs/shapes", lora=adapter)(["a red circle moving left"], **kw)[0]
+    assert abs(plain.astype(int) - tuned.astype(int)).max() > 0
+    code = main(["merge-lora", "--ckpt", "runs/shapes", "--lora", str(adapter), "--out", "merged_text"])
+    assert code == 2 and "also changes the text encoder" in capsys.readouterr().err

@@ -284,3 +284,28 @@ def test_live_training_peak(setups, ckpt):
     predicted = P.training_peak(setups["S"], 1280, bf16=False, adamw8bit=True, checkpointing=ckpt, ema=False,
                                 device="cpu")["total"] / P.MIB  # fmt: skip
     assert predicted == pytest.approx(measured, rel=0.1), f"measured {measured:.0f} MiB, predicted {predicted:.0f}"
+
+
+def test_lora_plan_counts_the_adapters_and_trains_only_them():
+    from minisora.config import kwargs, load_config
+    from minisora.models.dit import VideoDiT
+    from minisora.models.lora import add_lora
+
+    full = P.load_setup("S")
+    su = P.load_setup("S", lora_rank=8, lora_targets=["self_attn", "mlp"])
+    args = {**kwargs(load_config(P.CONFIGS / "model/S.yaml").model), "in_channels": su.latent_channels,
+            "text_dim": su.text_dim, "condition": "text"}  # fmt: skip
+    real = add_lora(VideoDiT(**args), 8, 8, 0.0, ["self_attn", "mlp"])
+    assert su.lora_params == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert su.lora_block_params * su.depth == su.lora_params
+    lora = P.training_peak(su, 1000, bf16=True, adamw8bit=False, checkpointing=True)
+    dense = P.training_peak(full, 1000, bf16=True, adamw8bit=False, checkpointing=True)
+    assert lora["optimizer state"] == 8 * su.lora_params  # the frozen base has no optimizer state
+    assert lora["weights (fp32)"] == 4 * (full.params + su.lora_params)
+    assert lora["total"] < dense["total"] - 8 * full.params
+
+
+def test_issue_figure_lora_b_with_checkpointing_and_bf16_fits_12_gib_at_16x256x256():
+    res = P.plan("B", 16, 256, 256, budget_gb=12, lora_rank=16)
+    row = next(r for r in res["training"]["rows"] if r["switches"] == {"bf16": True, "adamw8bit": True, "checkpointing": True})
+    assert row["fits"] and row["on_device"] < 3 * P.GIB

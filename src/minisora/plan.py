@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,8 @@ class Setup:
     text_params: int
     vae_params: int
     vae: dict = field(default_factory=dict)  # VideoVAE constructor arguments
+    lora_params: int = 0  # LoRA fine-tuning: adapter parameters (the only ones trained); 0 trains everything
+    lora_block_params: int = 0  # the adapter parameters of one block
 
     @property
     def patch_values(self) -> int:
@@ -174,10 +177,16 @@ def training_peak(su: Setup, tokens: int, batch: int = 1, *, bf16: bool, adamw8b
     """Bytes live at the peak of one training step, by component (key "total" is their sum)."""
     n, D = batch * tokens, su.hidden
     sb = 2 if bf16 else 4
+    # LoRA: the base is frozen (no gradients or optimizer state for it); the adapters add weights (and EMA).
+    # Activations are counted as in full training: a frozen linear no longer needs its input for backward,
+    # but a LoRA'd one still saves it for lora_A, and those are most of the saved tensors.
+    lora = su.lora_params > 0
+    trainable = su.lora_params if lora else su.params
+    weights = su.params + su.lora_params
     fixed = {
-        "weights (fp32)": 4.0 * su.params,
-        "EMA copy (fp32)": 4.0 * su.params if ema else 0.0,
-        "optimizer state": (ADAMW8BIT_BYTES if adamw8bit else ADAMW_BYTES) * su.params,
+        "weights (fp32)": 4.0 * weights,
+        "EMA copy (fp32)": 4.0 * weights if ema else 0.0,
+        "optimizer state": (ADAMW8BIT_BYTES if adamw8bit else ADAMW_BYTES) * trainable,
         # latents x0, noise, x_t (fp32) and the text context
         "inputs": batch * (3 * 4.0 * tokens * su.patch_values + 4.0 * su.text_tokens * su.text_dim),
         # embedder input, final layer (two fp32 norms + its linear input), loss, RoPE tables
@@ -186,7 +195,10 @@ def training_peak(su: Setup, tokens: int, batch: int = 1, *, bf16: bool, adamw8b
     block = n * saved_bytes_per_token(D, su.heads, su.mlp_ratio, bf16) + 4 * su.text_tokens * D * sb * batch
     block += 2.0 * su.block_linear_params if bf16 else 0.0  # autocast's bf16 weight copies, saved for backward
     work = n * D * (2 * su.mlp_ratio * sb + 8)  # one block's backward: grads of the MLP hidden and the stream
-    grad_block, grad_outer = 4.0 * su.block_params, 4.0 * (su.params - su.depth * su.block_params)
+    if lora:
+        grad_block, grad_outer = 4.0 * su.lora_block_params, 4.0 * (su.lora_params - su.depth * su.lora_block_params)
+    else:
+        grad_block, grad_outer = 4.0 * su.block_params, 4.0 * (su.params - su.depth * su.block_params)
     events = []
     for k in range(su.depth, 0, -1):  # backward reaches block k (k blocks' activations still held)
         acts = k * n * D * 4.0 + block if checkpointing else k * block
@@ -195,8 +207,8 @@ def training_peak(su: Setup, tokens: int, batch: int = 1, *, bf16: bool, adamw8b
     if checkpointing and bf16:  # end of forward: autocast caches bf16 copies of all weights until it exits
         events.append({"activations": su.depth * n * D * 4.0 + 2.0 * su.linear_params, "backward working set": work})
     # optimizer step: torch AdamW's foreach path (CUDA default) makes one fp32 temporary per parameter
-    step_temp = 4.0 * su.params if not adamw8bit and device == "cuda" else 0.0
-    events.append({"gradients (fp32)": 4.0 * su.params, "optimizer step temporaries": step_temp})
+    step_temp = 4.0 * trainable if not adamw8bit and device == "cuda" else 0.0
+    events.append({"gradients (fp32)": 4.0 * trainable, "optimizer step temporaries": step_temp})
     peak = max(events, key=lambda e: sum(e.values()))
     out = {**fixed, **{k: 0.0 for k in ("gradients (fp32)", "activations", "backward working set")}, **peak}
     out["total"] = sum(out.values())
@@ -250,8 +262,11 @@ def on_device(total: float, device: str) -> float:
 
 # ---- the setup and the plan --------------------------------------------------------------------
 def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77, text_dim: int = 768,
-               configs: str | Path = CONFIGS) -> Setup:
-    """Count the parameters of configs/model/<preset>.yaml and the VAE config, building both on the meta device."""
+               configs: str | Path = CONFIGS, lora_rank: int = 0, lora_targets: list[str] | None = None) -> Setup:
+    """Count the parameters of configs/model/<preset>.yaml and the VAE config, building both on the meta device.
+
+    lora_rank > 0: also count the LoRA parameters (rank x (in + out) per targeted Linear) of a LoRA fine-tune.
+    """
     import torch
     from omegaconf import OmegaConf
     from torch import nn
@@ -284,6 +299,14 @@ def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77
                    for p in ([mod.weight] if weights_only else mod.parameters()))  # fmt: skip
 
     block = model.blocks[0]
+    lora, lora_block = 0, 0
+    if lora_rank > 0:
+        from minisora.models.lora import lora_settings, target_regex
+
+        pattern = target_regex(model, lora_settings(rank=lora_rank, targets=lora_targets)["targets"])
+        hit = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+        lora = sum(lora_rank * (m.in_features + m.out_features) for _, m in hit)
+        lora_block = sum(lora_rank * (m.in_features + m.out_features) for n, m in hit if n.startswith("blocks.0."))
     # Backward keeps a linear's (bf16) weight only to get its input's gradient: not for kv, which reads the text.
     kv = block.cross_attn.kv.weight.numel() if block.cross_attn is not None else 0
 
@@ -294,6 +317,7 @@ def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77
         patch=list(model.patch_size), latent_channels=vae_model.latent_channels, text_tokens=text_tokens,
         text_dim=text_dim, text_params=clip_text_params(text_dim, CLIP_LAYERS.get(text_dim, 12), text_tokens),
         vae_params=sum(p.numel() for p in vae_model.parameters()), vae=dict(vae_model.config),
+        lora_params=lora, lora_block_params=lora_block,
     )  # fmt: skip
 
 
@@ -304,14 +328,18 @@ def check_positive(name: str, value: float) -> None:
 
 def plan(preset: str = "B", frames: int = 48, height: int = 480, width: int = 854, batch: int = 1,
          budget_gb: float = 24.0, vae: str | Path | None = None, text_tokens: int = 77, text_dim: int = 768,
-         device: str = "cuda", configs: str | Path = CONFIGS) -> dict:
-    """Peak memory of training and sampling for every switch combination, and the cheapest set that fits."""
+         device: str = "cuda", configs: str | Path = CONFIGS, lora_rank: int = 0,
+         lora_targets: list[str] | None = None) -> dict:
+    """Peak memory of training (a LoRA fine-tune with lora_rank > 0) and sampling for every switch combination,
+    and the cheapest set that fits."""
     for name, value in (("--frames", frames), ("--height", height), ("--width", width), ("--batch", batch),
                         ("--budget-gb", budget_gb), ("--text-tokens", text_tokens), ("--text-dim", text_dim)):
         check_positive(name, value)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda or cpu, got {device!r}")
-    su = load_setup(preset, vae, text_tokens, text_dim, configs)
+    if lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0, got {lora_rank}")
+    su = load_setup(preset, vae, text_tokens, text_dim, configs, lora_rank, lora_targets)
     kt, s = su.vae["temporal_compression"], su.vae["spatial_compression"]
     pt, ph, pw = su.patch
     T, H, W = round_clip(frames, height, width, kt, s, ph, pw)

@@ -95,8 +95,11 @@ def format_plan(res: dict) -> str:
         "memory grows linearly with tokens; a math-backend fallback would add heads x N^2 per block",
         "",
     ]  # fmt: skip
-    lines += _task_text(res, "training", "Training one step (latent cache: no VAE or text encoder on the device)",
-                        "Training")  # fmt: skip
+    title = "Training one step (latent cache: no VAE or text encoder on the device)"
+    if su.get("lora_params"):
+        title = (f"LoRA fine-tuning one step: {su['lora_params'] / 1e6:.2f} M adapter parameters trained, "
+                 f"the base frozen (latent cache: no VAE or text encoder on the device)")  # fmt: skip
+    lines += _task_text(res, "training", title, "Training")
     lines.append("")
     lines += _task_text(res, "sampling", "Sampling (classifier-free guidance, then VAE decode)", "Sampling")
     return "\n".join(lines)
@@ -166,6 +169,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-tokens", type=int, default=77, help="text context length")
     p.add_argument("--text-dim", type=int, default=768, help="text encoder width (768: CLIP ViT-L/14)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (peak RSS with glibc's malloc)")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan a LoRA fine-tune of this rank (0: full training)")
+    p.add_argument("--lora-targets", nargs="+", help="LoRA targets (default: self_attn cross_attn mlp)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--tokens", action="store_true", help="print the token budget table instead (markdown)")
     p.add_argument("--seconds", type=float, nargs="+", default=[2, 5, 10], help="durations for --tokens")
@@ -183,5 +188,6 @@ def run_plan(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=1) if args.json else format_token_table(rows, args.fps))
         return
     res = plan(args.preset, args.frames, args.height, args.width, args.batch, args.budget_gb, args.vae,
-               args.text_tokens, args.text_dim, args.device)  # fmt: skip
+               args.text_tokens, args.text_dim, args.device, lora_rank=args.lora_rank,
+               lora_targets=args.lora_targets)  # fmt: skip
     print(json.dumps(res, indent=1) if args.json else format_plan(res))

@@ -27,6 +27,7 @@ GROUPS = {
     "cross_attn": r"blocks\.\d+\.cross_attn\.(q|kv|proj)",
     "mlp": r"blocks\.\d+\.mlp\.fc[12]",
     "adaln": r"t_block\.1",
+    "pooled_text": r"text_pool\.[02]",  # the prompt-wide path into adaLN (model.pooled_text)
 }
 # open_clip's MLPs; not attn.out_proj: nn.MultiheadAttention reads out_proj.weight directly, bypassing a LoRA.
 TEXT_TARGETS = r"text\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"
@@ -228,7 +229,7 @@ def lora_settings(
 ) -> dict[str, Any]:
     """The `lora` config section: LoRA rank, alpha (update scale alpha/rank), dropout, DiT targets, text tower too.
 
-    targets: groups (self_attn, cross_attn, mlp, adaln) or regexes over module names; default
+    targets: groups (self_attn, cross_attn, mlp, adaln, pooled_text) or regexes over module names; default
     self_attn + cross_attn + mlp. text_encoder: also LoRA the text tower's MLPs (then captions are
     encoded at every step instead of read from the latent cache).
     """

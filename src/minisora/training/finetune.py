@@ -87,7 +87,7 @@ class StartLoss(L.Callback):
         if trainer.is_global_zero:
             print(
                 f"[minisora] validation loss of the loaded weights before step {step + 1}: {self.loss:.4f} "
-                f"(compare: the base run's last val/loss; an untrained model scores far higher)"
+                f"(a base that loaded scores near its own last val/loss on similar clips; one that did not, like an untrained model)"
                 if self.loss is not None else "[minisora] no validation split: no loss of the loaded weights to report",
                 flush=True,
             )
