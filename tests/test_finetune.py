@@ -104,6 +104,8 @@ def test_what_a_user_gets_wrong_first(in_root, capsys):
     assert "lora target 'blocks.9.attn' matches no Linear layer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="dit_train.freeze: 'nothing_here' matches no DiT parameter"):
         train(FULL, "init_from=runs/shapes", "name=bad2", "dit_train.freeze=[nothing_here]", *SHORT)
+    assert train(LORA, "name=no_base", *SHORT) == 2
+    assert "LoRA fine-tunes a trained model; set init_from=" in capsys.readouterr().err
     bogus = Path("bogus.safetensors")
     bogus.write_bytes(b"not an adapter")
     code = main(["sample", "--ckpt", "runs/shapes", "--lora", str(bogus), "--frames", "5", "--steps", "1"])

@@ -50,8 +50,9 @@ def test_quickstart_then_explore_latents_execute(tmp_path, monkeypatch):
     nb = execute("quickstart.ipynb", tmp_path)
     assert not outputs(nb, "error")
     assert (tmp_path / "runs" / "notebook" / "checkpoints" / "last.ckpt").is_file()
-    html = outputs(nb, "text/html")
-    assert len(html) == 3 and all("data:image/gif;base64," in h for h in html)  # data, samples, image-to-video
+    # GIF figures only: with `rich` installed Lightning also renders its model summary as HTML.
+    html = [h for h in outputs(nb, "text/html") if "data:image/gif;base64," in h]
+    assert len(html) == 3  # data, samples, image-to-video
     assert html[1].count("<img") == 4 and html[2].count("<img") == 2
     assert len(outputs(nb, "image/png")) == 1  # the loss curve
     assert "identical: True" in "".join(outputs(nb, "text"))
@@ -60,4 +61,5 @@ def test_quickstart_then_explore_latents_execute(tmp_path, monkeypatch):
     assert not outputs(nb, "error")
     text = "".join(outputs(nb, "text"))
     assert "runs/notebook/vae/vae.safetensors" in text and "PSNR per clip (dB)" in text
-    assert len(outputs(nb, "image/png")) == 2 and outputs(nb, "text/html")[0].count("<img") == 8
+    figures = [h for h in outputs(nb, "text/html") if "<img" in h]
+    assert len(outputs(nb, "image/png")) == 2 and figures[0].count("<img") == 8

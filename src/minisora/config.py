@@ -218,6 +218,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
+    if cfg.lora is not None and not cfg.init_from:
+        raise ConfigError(f"{path or 'config'}: lora: LoRA fine-tunes a trained model; set init_from=<base run, "
+                          ".ckpt or exported folder>")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -35,8 +35,6 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, text: torch.nn.Module, resu
 
     lines: list[str] = []
     base = None
-    if cfg.get("lora") and not cfg.get("init_from"):
-        raise ValueError("lora: LoRA fine-tunes a trained model; set init_from=<base run, .ckpt or exported folder>")
     if cfg.get("init_from"):
         # Also on a resumed run (whose checkpoint then overwrites these weights): the adapter records the base.
         info = load_dit_weights(cfg.init_from, model)  # strict: a mismatch raises, naming the tensors
