@@ -1,8 +1,9 @@
 """The held-out colour LoRA benchmark runs end to end (mechanics only, at a size that learns nothing).
 
-Whether LoRA teaches the colour is measured by `minisora bench lora` itself (README figures): at any size
-that trains within a test's budget here, the base learned its colours but the LoRA did not yet learn
-magenta reliably (0.08-0.42 after 300-400 steps, see the issue note), so this test checks the pipeline.
+Whether LoRA teaches the colour is measured by `minisora bench lora` itself (README figures). At sizes that
+train within a test's budget here the base learns its colours, but LoRA on magenta-only clips trades magenta
+against forgetting the others (0.58 magenta with 0.93 others, up to 0.92 with 0.51), so this test checks
+the pipeline, not the accuracy.
 """
 
 from __future__ import annotations
