@@ -178,8 +178,6 @@ def load_adapter(
     A base whose architecture differs raises LoraError; base weights that differ from the ones the adapter
     was trained on only warn (a LoRA on a further-trained base is legitimate, if not guaranteed to work).
     """
-    from peft import set_peft_model_state_dict
-
     tensors, meta = read_adapter(path)
     want, have = meta.get("base_config_hash"), config_hash(model_config)
     if want != have:
@@ -196,21 +194,23 @@ def load_adapter(
     s = meta["lora"]
     add_lora(dit, s["rank"], s["alpha"], 0.0, s["targets"])
     text_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}
-    _set_state(dit, {k: v for k, v in tensors.items() if not k.startswith("text.")}, path, set_peft_model_state_dict)
+    _set_state(dit, {k: v for k, v in tensors.items() if not k.startswith("text.")}, path)
     if text_tensors:
         if text is None:
             raise LoraError(f"{path}: holds text-encoder LoRA weights but the model has no text encoder")
         add_lora(text, s["rank"], s["alpha"], 0.0, [TEXT_TARGETS], where="text encoder")
-        _set_state(text, text_tensors, path, set_peft_model_state_dict)
+        _set_state(text, text_tensors, path)
     for m in (dit, text):
         if m is not None and has_lora(m):
             set_scale(m, scale)
     return meta
 
 
-def _set_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, setter) -> None:
+def _set_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from peft import set_peft_model_state_dict
+
     try:
-        result = setter(model, tensors, adapter_name=ADAPTER)
+        result = set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER)
     except RuntimeError as e:  # wrongly shaped tensors
         raise LoraError(f"{path}: adapter tensors do not fit the model: {str(e).splitlines()[-1].strip()}") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

@@ -35,8 +35,8 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, text: torch.nn.Module, resu
 
     lines: list[str] = []
     base = None
-    if cfg.get("init_from"):
-        # Also on a resumed run (whose checkpoint then overwrites these weights): the adapter records the base.
+    if cfg.get("init_from") and (not resumed or cfg.get("lora")):
+        # A resumed run's checkpoint overwrites these weights; a LoRA run still reads them, as the adapter's base.
         info = load_dit_weights(cfg.init_from, model)  # strict: a mismatch raises, naming the tensors
         if not resumed:
             loaded = list(model.state_dict().values())

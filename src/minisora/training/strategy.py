@@ -14,8 +14,6 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from minisora.training.checkpoint_io import SafeCheckpointIO
 
-SHARDED = ("fsdp",)  # strategies that split parameters across ranks (EMA and sampling must follow them)
-
 
 def build_strategy(
     name: str, options: dict[str, Any] | None = None, wrap: set[type[nn.Module]] | None = None, find_unused: bool = False
