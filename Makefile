@@ -6,7 +6,7 @@ CONFIG ?= configs/shapes.yaml
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-vae sample test test-fast bench bench-data notebooks clean
+.PHONY: help install extras train train-vae sample data-stats test test-fast bench bench-data notebooks clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,12 @@ $(BIN)/minisora: requirements.txt pyproject.toml
 
 install: $(BIN)/minisora  ## create .venv and install requirements + the package (editable)
 
+$(VENV)/.extras: $(BIN)/minisora requirements-extras.txt
+	$(BIN)/pip install -q -r requirements-extras.txt
+	touch $@
+
+extras: $(VENV)/.extras  ## install the optional extras (diffusers autoencoders)
+
 train: install  ## run the full default pipeline (CONFIG=configs/shapes.yaml ARGS="key=value ...")
 	$(BIN)/minisora train --config $(CONFIG) $(ARGS)
 
@@ -29,10 +35,13 @@ train-vae: install  ## train only the autoencoder (CONFIG=configs/vae/shapes.yam
 sample: install  ## sample videos from the last `make train` run (ARGS="--prompt '...'")
 	$(BIN)/minisora sample $(ARGS)
 
-test: install  ## run the test suite (slow tests included)
+data-stats: install  ## clips per bucket, skipped files, token histogram (CONFIG=... ARGS="key=value ...")
+	$(BIN)/minisora data-stats --config $(CONFIG) $(ARGS)
+
+test: install extras  ## run the test suite (slow tests included; installs the extras so their tests run)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-fast: install  ## run the suite without the slow tests
+test-fast: install extras  ## run the suite without the slow tests
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 bench: install  ## every benchmark -> bench/results-<device>.json (ARGS="--quick" for a smoke run)

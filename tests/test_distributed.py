@@ -102,6 +102,34 @@ def test_two_process_ddp_sees_disjoint_data_and_writes_the_single_process_checkp
 
 
 @pytest.mark.slow
+def test_bucketed_ddp_ranks_share_one_bucket_per_step_and_match_one_process(tmp_path):
+    buckets = ["shapes.variants=[9x32x32,5x24x40]", "shapes.num=32", "buckets.resolutions={32px: [5, 9]}",
+               'buckets.aspect_ratios=["1:1","16:9"]', "latents.val_fraction=0.0", "trainer.max_steps=6"]  # fmt: skip
+    run_cli(tmp_path, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2", *buckets)
+    ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [6, 6]
+    # 16 clips per bucket, per rank 2 clips of 9 frames (48 tokens) or 3 of 5 frames (30 tokens): an epoch is
+    # 4 + 3 steps (16 / 6 leaves a last batch of 2 x 2), so these 6 steps see 6 batches of distinct clips.
+    seen, buckets_seen = [], set()
+    for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert len(a) == len(b)  # equal rows: the ranks stay in lockstep
+        assert {x.split(":")[0] for x in a + b} == {a[0].split(":")[0]}  # one bucket for both ranks at each step
+        buckets_seen.add(a[0].split(":")[0])
+        seen += a + b
+    assert len(set(seen)) == len(seen) and buckets_seen == {"0", "1"}, seen
+    vae = tmp_path / "runs" / "ddp" / "vae" / "vae.safetensors"
+    # One process with twice the batch: the same global batches (no bucket's batch rounds differently here).
+    run_cli(tmp_path, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}", *buckets)
+    single = json.loads((tmp_path / "dit-rank0.json").read_text())
+    for i, batch in enumerate(single["batches"]):
+        assert set(batch) == set(ranks[0]["batches"][i]) | set(ranks[1]["batches"][i])
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            for n in ("ddp", "single"))  # fmt: skip
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
 def test_torchrun_launches_the_same_command_without_code_changes(tmp_path):
     # torchrun starts both ranks at once: shapes data, the VAE file and the cache must still be made once.
     torchrun = Path(sys.executable).with_name("torchrun")

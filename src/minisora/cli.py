@@ -64,6 +64,45 @@ def cmd_vae_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_vae(args: argparse.Namespace) -> int:
+    from minisora.config import ConfigError, kwargs, load_config
+    from minisora.models.diffusers_vae import save_pretrained_vae
+    from minisora.training.run import vae_path
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.pretrained_vae is None:
+        raise ConfigError(f"{args.config}: pretrained_vae is not set (see configs/vae/ltx.yaml, wan.yaml, sd.yaml)")
+    try:
+        out = save_pretrained_vae(args.out or vae_path(cfg), **kwargs(cfg.pretrained_vae))
+    except (ImportError, ValueError, OSError) as e:  # diffusers missing, a bad kind/dtype, no such repo or folder
+        print(f"minisora import-vae: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}: the {cfg.pretrained_vae.kind} autoencoder {cfg.pretrained_vae.path}; runs use it with vae_weights={out}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from minisora.config import load_config
+    from minisora.data.buckets import BucketError
+    from minisora.data.stats import data_stats, format_stats
+    from minisora.training.run import ensure_data
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_data(cfg)
+    try:
+        stats = data_stats(cfg)
+    except BucketError as e:
+        print(f"minisora data-stats: error: {e}", file=sys.stderr)
+        return 2
+    print(format_stats(stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(stats, f, indent=1)
+    return 0
+
+
 def _user_errors(command: str, fn, args: argparse.Namespace) -> int:
     """Run a sample/export command; bad input (a ValueError naming the file or option) is one line, exit code 2."""
     from minisora.sample import plain_warnings
@@ -95,6 +134,12 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return _user_errors("merge-lora", run_merge_lora, args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minisora.eval.run_eval import run_eval
+
+    return _user_errors("eval", run_eval, args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from minisora.plan_report import run_plan
 
@@ -103,6 +148,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
               "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "lora": "minisora.bench.lora",
+              "buckets": "minisora.bench.buckets", "hours": "minisora.bench.hours",
+              "pretrained": "minisora.bench.pretrained",
               "all": "minisora.bench.all"}  # fmt: skip
 
 
@@ -136,9 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, help="batches to average over (default: vae_train.latent_stats_batches)")
     p.set_defaults(func=cmd_vae_stats)
 
+    p = sub.add_parser("import-vae", help="write a pretrained diffusers autoencoder (pretrained_vae) as a minisora file")
+    _add_config_args(p, "configs/vae/ltx.yaml")
+    p.add_argument("--out", help="autoencoder .safetensors to write (default: the config's run, vae/vae.safetensors)")
+    p.set_defaults(func=cmd_import_vae)
+
     p = sub.add_parser("cache", help="encode the dataset once into the latent cache (VAE + text encoder)")
     _add_config_args(p)
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("data-stats", help="clips per bucket, skipped files and why, token histogram (before training)")
+    _add_config_args(p)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("make-shapes", help="write the synthetic moving-shapes dataset")
     p.add_argument("--out", default="data/shapes")
@@ -172,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_args(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("eval", help="FVD and CLIP score of a model's samples (or a folder of videos) vs real clips")
+    from minisora.eval.run_eval import add_eval_args
+
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks: data, train, sample, all")
     p.add_argument("what", help="which benchmark: data, train, sample, or all")

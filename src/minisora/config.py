@@ -83,7 +83,7 @@ def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from minisora.training.sampling import SampleVideos
 
     return {
-        "data": (VideoDataModule, ()),
+        "data": (VideoDataModule, ("buckets", "geometry")),
         "vae": (VideoVAE, ()),
         "vae_train": (LitAutoencoder, ("vae",)),
         "text": (TextEncoder, ()),
@@ -109,13 +109,20 @@ def schema() -> type:
     for section, (cls, skip) in _sections().items():
         sch = _section_schema(cls, skip)
         fields.append((section, sch, field(default_factory=sch)))
+    from minisora.data.buckets import BucketSpec
     from minisora.data.shapes import make_shapes
     from minisora.models.lora import lora_settings
 
+    # Native aspect ratios and durations in buckets (data/buckets.py); null: every clip at data's one size.
+    fields.append(("buckets", _section_schema(BucketSpec) | None, field(default=None)))
     # Options of the synthetic dataset written next to data.path; null for real data.
     fields.append(("shapes", _section_schema(make_shapes, ("out", "force")) | None, field(default=None)))
     # LoRA fine-tuning of the DiT (configs/finetune/lora.yaml); null trains every weight.
     fields.append(("lora", _section_schema(lora_settings) | None, field(default=None)))
+    from minisora.models.diffusers_vae import import_pretrained_vae  # imports diffusers only when a model is built
+
+    # A pretrained diffusers autoencoder instead of training one (configs/vae/ltx.yaml, wan.yaml, sd.yaml).
+    fields.append(("pretrained_vae", _section_schema(import_pretrained_vae) | None, field(default=None)))
     return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 
@@ -174,8 +181,8 @@ def _layers(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> 
         key = item.split("=", 1)[0]
         try:
             layers.append((OmegaConf.from_dotlist([item]), f"command line ({key})"))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"command line: cannot parse {item!r}: {e}") from None
+        except Exception as e:  # OmegaConf's own errors and yaml's scanner errors (e.g. "a:b" inside {...})
+            raise ConfigError(f"command line: cannot parse {item!r}: {str(e).splitlines()[0]}") from None
     return layers
 
 
@@ -200,6 +207,22 @@ def finetune_base(init_from: str) -> tuple[DictConfig, str]:
     return OmegaConf.create(base), f"init_from {ckpt.source} (its run config)"
 
 
+def _replacing(cfg: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """A command-line mapping replaces a mapping-valued key (buckets.resolutions={256px: [1, 17]}) instead of adding keys.
+
+    OmegaConf merges mappings key by key, so the override would keep the file's other resolutions; on the
+    command line a value means that value. Typed sections (model, data, ...) still merge.
+    """
+    if not source.startswith("command line ("):
+        return layer
+    key = source[len("command line (") : -1]
+    value = OmegaConf.select(layer, key)
+    node = OmegaConf.select(cfg, key)
+    if isinstance(value, DictConfig) and isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+        OmegaConf.update(cfg, key, {}, merge=False)  # emptied in place; the merge then fills in the new mapping
+    return layer
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Load an experiment: schema defaults <- `base:` files <- `path` <- `key=value` overrides.
 
@@ -209,12 +232,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     layers = _layers(path, overrides)
     cfg = OmegaConf.structured(schema())
     for layer, source in layers:
-        cfg = _merge(cfg, layer, source)
+        cfg = _merge(cfg, _replacing(cfg, layer, source), source)
     if cfg.init_from:
         base = finetune_base(cfg.init_from)
         cfg = OmegaConf.structured(schema())
         for layer, source in [base, *layers]:
-            cfg = _merge(cfg, layer, source)
+            cfg = _merge(cfg, _replacing(cfg, layer, source), source)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")

@@ -92,6 +92,10 @@ def validate(args: argparse.Namespace) -> None:
         raise SampleError(f"--seed must be >= 0, got {args.seed}")
     if args.fps is not None and args.fps <= 0:
         raise SampleError(f"--fps must be > 0, got {args.fps}")
+    if args.aspect and (args.height or args.width):
+        raise SampleError("give --aspect (with --resolution) or --height/--width, not both")
+    if args.resolution and not args.aspect:
+        raise SampleError("--resolution needs --aspect (e.g. --aspect 16:9 --resolution 256px)")
     if args.image and args.video:
         raise SampleError("give --image (image-to-video) or --video (continuation), not both")
     if args.keep_frames is not None and not args.video:
@@ -126,6 +130,37 @@ def plain_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def aspect_size(pipe, aspect: str, resolution: str | None, frames: int) -> tuple[int, int]:
+    """(H, W) at width:height `aspect` with the pixel area of `resolution` ("256px", "360p").
+
+    Without a resolution: the largest of the run's bucket resolutions that has `frames` frames, or the area of
+    the run's training clips. Sizes are rounded as buckets round them (data/buckets.py).
+    """
+    from minisora.data.buckets import Geometry, parse_aspect, parse_resolution
+
+    if resolution is None:
+        buckets = (pipe.config or {}).get("buckets") or {}
+        keys = [k for k, frame_list in (buckets.get("resolutions") or {}).items() if frames in frame_list]
+        resolution = max(keys, key=parse_resolution) if keys else None
+    area = parse_resolution(resolution) if resolution else pipe.defaults["height"] * pipe.defaults["width"]
+    geometry = Geometry(pipe.vae.temporal_compression, pipe.vae.spatial_compression, tuple(pipe.model.patch_size))
+    return geometry.frame_size(area, parse_aspect(aspect))
+
+
+def trained_size_note(pipe, T: int, H: int, W: int) -> str | None:
+    """A note when a run trained on buckets is sampled at a size none of its buckets has (it may still work)."""
+    from minisora.data.buckets import BucketSpec, Geometry
+
+    buckets = (pipe.config or {}).get("buckets")
+    if not buckets:
+        return None
+    geometry = Geometry(pipe.vae.temporal_compression, pipe.vae.spatial_compression, tuple(pipe.model.patch_size))
+    sizes = [b.name for b in BucketSpec(**buckets).build(geometry)]
+    if f"{T}x{H}x{W}" in sizes:
+        return None
+    return f"{T}x{H}x{W} is not one of the run's bucket sizes ({', '.join(sizes)}); quality may drop outside them"
+
+
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
     from minisora.io import save_video, write_strips
@@ -148,8 +183,14 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     steps = args.steps or sample_cfg.get("steps", 25)
     cfg = args.cfg if args.cfg is not None else sample_cfg.get("guidance", 4.0)
     fps = args.fps or pipe.fps
-    T, H, W = pipe.valid_size(args.frames or pipe.defaults["num_frames"], args.height or pipe.defaults["height"],
-                              args.width or pipe.defaults["width"])  # fmt: skip
+    T = args.frames or pipe.defaults["num_frames"]
+    H, W = args.height or pipe.defaults["height"], args.width or pipe.defaults["width"]
+    if args.aspect:
+        H, W = aspect_size(pipe, args.aspect, args.resolution, T)
+    T, H, W = pipe.valid_size(T, H, W)
+    note = trained_size_note(pipe, T, H, W)
+    if note:
+        print(f"minisora sample: {note}", file=sys.stderr)
     seeds = f"{args.seed}..{args.seed + len(prompts) - 1}"
     print(f"minisora sample: {pipe.checkpoint} on {device} ({pipe.dtype}); {len(prompts)} video(s) of {T}x{H}x{W} "
           f"at {fps:g} fps, {steps} {args.sampler} steps, cfg {cfg:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
@@ -189,7 +230,10 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None, help=f"run folder, .ckpt file or exported folder (default: {DEFAULT_CKPT})")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's sample prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--frames", type=int, help="number of frames, 1 + 4k (default: the training clip length)")
+    p.add_argument("--frames", type=int, help="number of frames, 1 + 4k (default: the training clip length); 1 = an image")
+    p.add_argument("--aspect", help="width:height, e.g. 16:9 or 9:16: the size of a bucket (instead of --height/--width)")
+    p.add_argument("--resolution", help="with --aspect: pixel area, e.g. 256px (256x256) or 360p (640x360); "
+                   "default: the run's largest bucket resolution with --frames")
     p.add_argument("--height", type=int, help="height in pixels (default: the training height)")
     p.add_argument("--width", type=int, help="width in pixels (default: the training width)")
     p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")

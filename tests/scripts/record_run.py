@@ -27,8 +27,9 @@ class RecordBatches(L.Callback):
         (self.out / f"{self.tag}-rank{trainer.global_rank}-start.json").write_text(json.dumps(start))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if "index" in batch:
-            self.batches.append(batch["index"].tolist())
+        if "index" in batch:  # cache rows; with buckets "<bucket>:<row>" (rows count within a bucket)
+            rows = batch["index"].tolist()
+            self.batches.append([f"{batch['bucket']}:{i}" for i in rows] if "bucket" in batch else rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
         record = {"world": trainer.world_size, "batches": self.batches, "steps": trainer.global_step}

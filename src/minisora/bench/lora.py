@@ -19,7 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from minisora.bench.report import write_json
+from minisora.bench.report import run_and_report
 
 ROOT = Path(__file__).resolve().parents[3]
 # On top of configs/finetune/lora.yaml: the new colour is a new word, so adapt how words steer the video
@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-args", nargs="*", default=[], help="extra key=value overrides of the base run")
     p.add_argument("--lora-args", nargs="*", default=[], help="extra key=value overrides of the LoRA run")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    results = run(args)
-    print(format_results(results))
-    write_json(args.json, results)
-    return 0
+    return run_and_report(p, run, format_results, argv)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,12 @@ def rss_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_and_report(parser, run, format_results, argv: list[str] | None) -> int:
+    """A benchmark's main(): parse `--json` and its options, run it, print its table, write the JSON."""
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(format_results(results))
+    write_json(args.json, results)
+    return 0

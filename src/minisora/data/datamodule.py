@@ -1,4 +1,8 @@
-"""VideoDataModule: clips from a manifest or folder, a deterministic train/val split, seeded loaders."""
+"""VideoDataModule: clips from a manifest or folder, a deterministic train/val split, seeded loaders.
+
+With a bucket set (data/buckets.py), clips keep their aspect ratio and duration: each is assigned to a
+bucket, each bucket is a ClipDataset at its exact size, and batches come from one bucket at a time.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils import signal_handling
 
+from minisora.data.bucket_sampler import BucketBatches, BucketBatchSampler, bucket_loader
+from minisora.data.buckets import Assignment, Bucket, BucketError, BucketSpec, Geometry, assign, probe_all
 from minisora.data.clips import CROPS, SHORT_POLICIES, ClipDataset
 from minisora.data.sources import FORMATS, ClipRecord, load_records, short_list
 
@@ -31,6 +37,14 @@ def collate_clips(items: list[dict]) -> dict:
         # Items that stand in for a bad record (a copy of another file's clip): the latent cache drops them.
         "substitute": torch.tensor([bool(it["skipped"]) for it in items], dtype=torch.bool),  # (B,)
     }
+
+
+def resume_position(sampler, trainer, per_epoch: int, unit: int = 1) -> None:
+    """Point an own-epoch sampler at the batch a resumed run continues from (global step x accumulation)."""
+    if trainer is not None and trainer.global_step > 0 and per_epoch > 0:
+        done = trainer.global_step * trainer.accumulate_grad_batches
+        sampler.epoch, k = divmod(done, per_epoch)
+        sampler.start = k * unit
 
 
 def rearm_worker_failure_handler() -> None:
@@ -131,7 +145,10 @@ class VideoDataModule(L.LightningDataModule):
         timeout: float = 120.0,
         seed: int = 0,
         manifest: str | None = None,
+        buckets: BucketSpec | None = None,
+        geometry: Geometry | None = None,
     ):
+        """`buckets` (with the model's `geometry`) replaces the one clip size num_frames x height x width."""
         super().__init__()
         path = manifest or path  # `data.manifest=clips.csv` reads as what it is; same as data.path
         for name, value, allowed in (
@@ -147,7 +164,12 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(
                 f"need batch_size >= 1, num_workers >= 0, timeout >= 0; got {batch_size}, {num_workers}, {timeout}"
             )
-        self.save_hyperparameters()
+        if buckets is not None and geometry is None:
+            raise ValueError("VideoDataModule: buckets need the model's geometry (autoencoder compression, DiT patch)")
+        self.save_hyperparameters(ignore=["buckets", "geometry"])
+        self.spec, self.geometry = buckets, geometry
+        self.buckets: list[Bucket] = buckets.build(geometry) if buckets is not None else []
+        self.assignment: Assignment | None = None  # bucket mode: where the training clips went
         self.path, self.format, self.val_path = path, format, val_path
         self.val_fraction, self.seed = val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -156,8 +178,8 @@ class VideoDataModule(L.LightningDataModule):
             "num_frames": num_frames, "height": height, "width": width, "frame_stride": frame_stride, "fps": fps,
             "crop": crop, "flip": flip, "short_policy": short_policy, "max_upscale": max_upscale, "seed": seed,
         }  # fmt: skip
-        self.train_set: ClipDataset | None = None
-        self.val_set: ClipDataset | None = None
+        self.train_set: ClipDataset | BucketBatches | None = None
+        self.val_set: ClipDataset | BucketBatches | None = None
         # One generator for every train loader this module makes: same seed -> same batches, and a
         # reloaded loader continues the sequence instead of repeating epoch 0.
         self._generator = torch.Generator().manual_seed(seed)
@@ -171,6 +193,8 @@ class VideoDataModule(L.LightningDataModule):
             skipped += val_skipped
         else:
             train, val = split_records(records, self.val_fraction, self.seed, _source_root(self.path))
+        if self.spec is not None:
+            return self._setup_buckets(train, val, len(skipped))
         self.train_set = ClipDataset(train, train=True, source=self.path, **self.clip_args)
         self.val_set = (
             ClipDataset(val, train=False, source=self.val_path or self.path, **self.clip_args) if val else None
@@ -192,7 +216,63 @@ class VideoDataModule(L.LightningDataModule):
             + f"; {usable}/{usable + len(failures)} checked clips readable"
         )
 
-    def _loader(self, dataset: ClipDataset, train: bool) -> DataLoader:
+    # ---- bucket mode ----------------------------------------------------------------------------
+    def assign(self, records: list[ClipRecord]) -> Assignment:
+        """Probe every record (header only) and put each in its bucket (buckets.assign with this module's options)."""
+        a = self.clip_args
+        return assign(records, probe_all(records), self.buckets, max_upscale=self.spec.max_upscale, fps=a["fps"],
+                      frame_stride=a["frame_stride"], image_frames=bool(self.spec.image_fraction))  # fmt: skip
+
+    def bucket_datasets(self, records: list[ClipRecord], assignment: Assignment, train: bool,
+                        repeat: int = 1) -> tuple[list[Bucket], list[ClipDataset]]:
+        """One ClipDataset per non-empty bucket (its clips at its exact size, centre crop), each record `repeat` times."""
+        args = {**self.clip_args, "crop": "center", "short_policy": "skip", "max_upscale": self.spec.max_upscale}
+        used, datasets = [], []
+        for bucket, members, frames in zip(assignment.buckets, assignment.members, assignment.frames):
+            chosen = [records[i] for i in members + frames] * repeat
+            if chosen:
+                args.update(num_frames=bucket.frames, height=bucket.height, width=bucket.width)
+                used.append(bucket)
+                datasets.append(ClipDataset(chosen, train=train, source=f"{self.path} [{bucket.name}]", **args))
+        return used, datasets
+
+    def _setup_buckets(self, train: list[ClipRecord], val: list[ClipRecord], rows_skipped: int) -> None:
+        self.assignment = self.assign(train)
+        self.train_buckets, datasets = self.bucket_datasets(train, self.assignment, train=True)
+        self.train_set = BucketBatches(datasets, collate_clips)
+        self.val_buckets, self.val_set = [], None
+        try:
+            val_assignment = self.assign(val) if val else None
+        except BucketError as e:  # validation is optional: say why there is none, train on
+            rank_zero_warn(f"VideoDataModule: no validation clips: {e}")
+            val_assignment = None
+        if val_assignment is not None:
+            self.val_buckets, vsets = self.bucket_datasets(val, val_assignment, train=False)
+            self.val_set = BucketBatches(vsets, collate_clips)
+        counts = ", ".join(f"{b.name}: {len(d)}" for b, d in zip(self.train_buckets, datasets))
+        rank_zero_info(
+            f"VideoDataModule: {len(self.train_set)} train / {len(self.val_set or [])} val clips from {self.path} in "
+            f"{len(self.train_buckets)} buckets ({counts}); {len(self.assignment.skipped)} files fit no bucket or "
+            f"were unreadable, {rows_skipped} rows skipped"
+        )
+
+    def _bucket_loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
+        trainer = self.trainer if train else None
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = BucketBatchSampler(
+            [len(d) for d in data.datasets], self.spec.batch_sizes(buckets, self.batch_size), shuffle=train,
+            seed=self.seed, rank=rank, world_size=world, is_image=[b.is_image for b in buckets],
+            image_fraction=self.spec.image_fraction,
+        )  # fmt: skip
+        if train:
+            resume_position(sampler, trainer, len(sampler))
+        if self.num_workers > 0:
+            rearm_worker_failure_handler()
+        return bucket_loader(data, sampler, self.num_workers, self.timeout, self.pin_memory and torch.cuda.is_available())
+
+    def _loader(self, dataset: ClipDataset | BucketBatches, train: bool) -> DataLoader:
+        if isinstance(dataset, BucketBatches):
+            return self._bucket_loader(dataset, self.train_buckets if train else self.val_buckets, train)
         workers = self.num_workers > 0
         if workers:
             rearm_worker_failure_handler()

@@ -7,13 +7,19 @@ complete, so a killed run never leaves a half cache behind:
   shard-00000.safetensors  latents (N, C, t, h, w) float16, caption (N,) index into captions, label (N,)
 The key hashes the data options, the autoencoder (config and weights) and the text encoder, so a
 change to any of them makes a new cache instead of silently reusing a stale one.
+
+With buckets (data/buckets.py) the cache is one such folder per bucket, `<cache_root>/<key>/<T>x<H>x<W>/`,
+plus `buckets.json` (the buckets, their clip counts and the skipped files), written last. A bucket
+encoded before an interruption is kept; the next run encodes the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +27,14 @@ from typing import Any, Iterable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from minisora.data.bucket_sampler import BucketBatches, BucketBatchSampler, bucket_loader
+from minisora.data.buckets import Bucket
 from minisora.data.clips import ClipDataset
-from minisora.data.datamodule import VideoDataModule, collate_clips, rearm_worker_failure_handler
+from minisora.data.datamodule import VideoDataModule, collate_clips, rearm_worker_failure_handler, resume_position
 from minisora.data.sources import load_records
 from minisora.files import partial_path, remove_stale_partials
 
@@ -162,6 +170,16 @@ def is_complete(folder: str | Path, key: str | None = None) -> bool:
     if key is not None and meta.get("key") != key:
         return False
     return all((Path(folder) / s).is_file() for s in meta.get("shards", []))
+
+
+def bucket_cache_complete(folder: str | Path, key: str) -> bool:
+    """A bucketed cache whose buckets.json has this key and whose every bucket folder is complete."""
+    index = Path(folder) / "buckets.json"
+    try:
+        meta = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("key") == key and all(is_complete(Path(folder) / b["name"]) for b in meta.get("buckets", []))
 
 
 class LatentDataset(Dataset):
@@ -329,6 +347,10 @@ class LatentDataModule(L.LightningDataModule):
             options = {k: v for k, v in self.video.hparams.items() if k not in NOT_IN_KEY}
             options["clips_per_video"] = self.clips_per_video
             options["source"] = source_fingerprint(self.video.path)
+            if self.bucketed:  # the sizes clips are encoded at, and which clips go where
+                spec = self.video.spec
+                options["buckets"] = {"sizes": [b.name for b in self.video.buckets], "max_upscale": spec.max_upscale,
+                                      "image_frames": bool(spec.image_fraction)}  # fmt: skip
             # context_length changes the embeddings' shape without changing a pretrained tower's weights.
             text_id = f"{fingerprint(self.text_encoder)}:{getattr(self.text_encoder, 'context_length', None)}"
             self._key = cache_key(options, fingerprint(self.vae), text_id)
@@ -338,8 +360,14 @@ class LatentDataModule(L.LightningDataModule):
     def folder(self) -> Path:
         return self.cache_root / self.key
 
+    @property
+    def bucketed(self) -> bool:
+        return getattr(self.video, "spec", None) is not None
+
     def prepare_data(self) -> None:
         """Encode every clip once (Lightning calls this on one process per node)."""
+        if self.bucketed:
+            return self._prepare_buckets()
         if is_complete(self.folder, self.key):
             return
         records, skipped = load_records(self.video.path, self.video.format)
@@ -359,9 +387,90 @@ class LatentDataModule(L.LightningDataModule):
         self.vae.cpu()
         rank_zero_info(f"latent cache: {len(dataset)} clips encoded into {self.folder} in {time.time() - t0:.0f} s")
 
+    # ---- bucket mode ----------------------------------------------------------------------------
+    def _encode_loader(self, dataset: ClipDataset, batch_size: int) -> DataLoader:
+        workers = self.video.num_workers
+        if workers > 0:
+            rearm_worker_failure_handler()
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
+                          timeout=self.video.timeout if workers else 0)  # fmt: skip
+
+    def _prepare_buckets(self) -> None:
+        """Assign every record to its bucket and encode each bucket into its own cache folder."""
+        index_file = self.folder / "buckets.json"
+        if bucket_cache_complete(self.folder, self.key):
+            return
+        video = self.video
+        records, rows_skipped = load_records(video.path, video.format)
+        assignment = video.assign(records)
+        buckets, datasets = video.bucket_datasets(records, assignment, train=self.clips_per_video > 1,
+                                                  repeat=self.clips_per_video)  # fmt: skip
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0, built = time.time(), []
+        for bucket, dataset, bs in zip(buckets, datasets, video.spec.batch_sizes(buckets, self.encode_batch_size)):
+            sub, key = self.folder / bucket.name, f"{self.key}-{bucket.name}"
+            if not is_complete(sub, key):  # a bucket finished before an interruption is kept
+                try:
+                    build_cache(self._encode_loader(dataset, bs), self.vae, self.text_encoder, sub, key=key,
+                                device=device, meta={"bucket": dataclasses.asdict(bucket)})  # fmt: skip
+                except ValueError as e:  # every file of this bucket was unreadable: the others still train
+                    rank_zero_warn(f"latent cache: bucket {bucket.name} left out: {e}")
+                    continue
+            built.append({**dataclasses.asdict(bucket), "name": bucket.name, "count": len(dataset)})
+        self.vae.cpu()
+        if not built:
+            raise ValueError(f"latent cache {self.folder}: no bucket could be encoded (every file was unreadable)")
+        index = {"key": self.key, "version": CACHE_VERSION, "buckets": built, "source": video.path,
+                 "skipped": dict(assignment.skipped), "rows_skipped": len(rows_skipped),
+                 "assignment": {records[r].path: assignment.buckets[b].name for r, b in assignment.bucket_of().items()}}  # fmt: skip
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = partial_path(index_file)
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_file)  # written last: its presence marks a complete cache
+        rank_zero_info(f"latent cache: {sum(b['count'] for b in built)} clips in {len(built)} buckets encoded into "
+                       f"{self.folder} in {time.time() - t0:.0f} s")  # fmt: skip
+
+    def _setup_buckets(self) -> None:
+        index = json.loads((self.folder / "buckets.json").read_text())
+        fields = [f.name for f in dataclasses.fields(Bucket)]
+        self.train_buckets, self.val_buckets, train_sets, val_sets = [], [], [], []
+        for k, entry in enumerate(index["buckets"]):
+            bucket = Bucket(**{f: entry[f] for f in fields})
+            full = LatentDataset(self.folder / bucket.name)
+            train, val = split_indices(len(full), self.val_fraction, self.seed + k)
+            self.train_buckets.append(bucket)
+            train_sets.append(LatentDataset(self.folder / bucket.name, train))
+            if val:
+                self.val_buckets.append(bucket)
+                val_sets.append(LatentDataset(self.folder / bucket.name, val))
+        self.train_set = BucketBatches(train_sets, collate_latents)
+        self.val_set = BucketBatches(val_sets, collate_latents) if val_sets else None
+        shapes = ", ".join(f"{b.name} -> {'x'.join(map(str, d.meta['latent_shape']))}: {len(d)}"
+                           for b, d in zip(self.train_buckets, train_sets))  # fmt: skip
+        rank_zero_info(
+            f"LatentDataModule: {len(self.train_set)} train / {len(self.val_set or [])} val clips in "
+            f"{len(self.train_buckets)} buckets ({shapes}); {len(index['skipped'])} files fit no bucket or were unreadable"
+        )
+
+    def _bucket_loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
+        trainer = self.trainer if train else None
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        spec = self.video.spec
+        sampler = BucketBatchSampler(
+            [len(d) for d in data.datasets], spec.batch_sizes(buckets, self.batch_size), shuffle=train, seed=self.seed,
+            rank=rank, world_size=world, is_image=[b.is_image for b in buckets], image_fraction=spec.image_fraction,
+        )  # fmt: skip
+        if train:
+            resume_position(sampler, trainer, len(sampler))
+        if self.num_workers > 0:
+            rearm_worker_failure_handler()
+        return bucket_loader(data, sampler, self.num_workers, self._timeout)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.bucketed:
+            return self._setup_buckets()
         full = LatentDataset(self.folder)
         train, val = split_indices(len(full), self.val_fraction, self.seed)
         self.train_set = LatentDataset(self.folder, train)
@@ -374,20 +483,20 @@ class LatentDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.bucketed:
+            return self._bucket_loader(self.train_set, self.train_buckets, train=True)
         trainer = self.trainer  # set by Lightning when this module is attached to a fit
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         loader = make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed, rank, world,
                              self._timeout)  # fmt: skip
-        if trainer is not None and trainer.global_step > 0:  # resuming: continue where the last run stopped
-            per_epoch = len(loader)
-            done = trainer.global_step * trainer.accumulate_grad_batches
-            loader.sampler.epoch, k = divmod(done, per_epoch)
-            loader.sampler.start = k * loader.batch_size
+        resume_position(loader.sampler, trainer, len(loader), unit=loader.batch_size)  # continue a resumed run
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
+        if self.bucketed:
+            return self._bucket_loader(self.val_set, self.val_buckets, train=False)
         return make_loader(self.val_set, self.batch_size, False, self.num_workers, self.seed, timeout=self._timeout)
 
     @property

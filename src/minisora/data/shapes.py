@@ -11,6 +11,7 @@ import csv
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,28 @@ def _up_to_date(out: Path, options: dict) -> bool:
     return on_disk == options and (out / "manifest.csv").is_file() and len(clips) == options["num"]
 
 
+def _make_variants(out: Path, num: int, seed: int, fps: float, variants: list[str], **kw) -> Path:
+    """Shapes data at several sizes: one make_shapes folder per variant and a manifest listing all of them."""
+    sizes = []
+    for v in variants:
+        m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", str(v).strip())
+        if not m:
+            raise ValueError(f"make_shapes: variant {v!r} is not frames x height x width, e.g. '17x32x48'")
+        sizes.append(tuple(int(g) for g in m.groups()))
+    rows = []
+    for k, (T, H, W) in enumerate(sizes):
+        n = num // len(sizes) + (k < num % len(sizes))
+        sub = make_shapes(out / f"{T}x{H}x{W}", n, seed=seed + k, size=H, width=W, num_frames=T, fps=fps, **kw)
+        with open(sub) as f:
+            rows += [(f"{T}x{H}x{W}/{r['path']}", r["caption"]) for r in csv.DictReader(f)]
+    with open(out / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "caption"])
+        writer.writerows(rows)
+    shutil.copyfile(out / f"{sizes[0][0]}x{sizes[0][1]}x{sizes[0][2]}" / "heldout.csv", out / "heldout.csv")
+    return out / "manifest.csv"
+
+
 def make_shapes(
     out: str | Path,
     num: int,
@@ -253,6 +276,7 @@ def make_shapes(
     object_size: float | None = None,
     speed: float | None = None,
     colors: list[str] | None = None,
+    variants: list[str] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `num` train clips to out/clips/, out/manifest.csv, out/heldout.csv and out/shapes.json.
@@ -260,9 +284,14 @@ def make_shapes(
     Returns the manifest path. Skips the work when out/shapes.json shows data made with the same
     options (unless `force`). Deterministic for a seed; clip i depends only on (seed, i). `colors`
     limits the clips to those colours (a colour held out of a base model, or the only one of a fine-tune).
+    `variants` ("17x32x32", "9x24x40": frames x height x width) splits the clips evenly over those sizes,
+    each in out/<variant>/, with one manifest for all (data for bucketed training).
     """
     if num < 1:
         raise ValueError(f"make_shapes: num must be >= 1, got {num}")
+    if variants:
+        return _make_variants(Path(out), num, seed, fps, variants, object_size=object_size, speed=speed,
+                              colors=colors, force=force)  # fmt: skip
     for color in colors or []:
         if color not in COLORS:
             raise ValueError(f"make_shapes: unknown colour {color!r} in colors; expected some of {', '.join(COLORS)}")

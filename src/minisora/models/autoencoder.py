@@ -7,6 +7,7 @@ Later stages only see the interface: `encode` returns latents normalised to ~N(0
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -337,6 +338,9 @@ class VideoVAE(Autoencoder):
 
 
 KINDS: dict[str, type[Autoencoder]] = {"VideoVAE": VideoVAE}
+# Kinds defined over an optional package, added to KINDS when a file of theirs is loaded: their module subclasses
+# Autoencoder (so this file cannot import it) and imports the package itself only when it builds a model.
+OPTIONAL_KINDS = {"DiffusersVAE": "minisora.models.diffusers_vae"}
 
 
 def save_autoencoder(model: Autoencoder, path: str | Path) -> Path:
@@ -359,6 +363,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "kind" not in meta or "config" not in meta:
         raise ValueError(f"{path} is not a minisora autoencoder file (metadata lacks 'kind'/'config': {sorted(meta)})")
+    if meta["kind"] in OPTIONAL_KINDS and meta["kind"] not in KINDS:
+        KINDS[meta["kind"]] = getattr(importlib.import_module(OPTIONAL_KINDS[meta["kind"]]), meta["kind"])
     if meta["kind"] not in KINDS:
         raise ValueError(f"{path}: unknown autoencoder kind {meta['kind']!r}; known: {', '.join(KINDS)}")
     config = json.loads(meta["config"])

@@ -1,6 +1,8 @@
 """TextEncoder: a frozen open_clip text tower that turns prompts into per-token embeddings and a padding mask."""
 
+import os
 import warnings
+from pathlib import Path
 
 import open_clip
 import torch
@@ -16,6 +18,56 @@ def _is_registered(model_name: str) -> bool:
     return ":" in model_name or open_clip.get_model_config(model_name) is not None
 
 
+# Checkpoint files open_clip.create_model(name, pretrained=<file>) loads: torch.save'd state dicts (read with
+# weights_only=True), safetensors, and big_vision .npz (SigLIP). Used to tell a mistyped path from a tag.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz", ".npy")
+
+
+def _load_error_summary(e: Exception, limit: int = 400) -> str:
+    """The first lines of a (often very long) state-dict loading error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def create_open_clip(model_name: str, pretrained: str | None = None, *, who: str = "open_clip",
+                     **kwargs) -> nn.Module:
+    """open_clip.create_model on the CPU, `pretrained` an open_clip tag or a local checkpoint file, checked first.
+
+    A tag (e.g. "laion2b_s34b_b79k") is downloaded and cached by open_clip; a file (.pt/.bin/.safetensors of a
+    whole open_clip model, both towers) is loaded as it is and nothing touches the network. A missing file, an
+    unknown tag or a file that does not fit the architecture raise naming the file and the model.
+    """
+    if pretrained is None:
+        return open_clip.create_model(model_name, device="cpu", **kwargs)
+    if ":" in model_name:  # open_clip would ignore `pretrained` with only a log line
+        raise ValueError(f"{who}: {model_name!r} names its own weights (open_clip 'hf-hub:'/'local-dir:' schema); "
+                         f"pretrained={pretrained!r} would be ignored, set it to null")  # fmt: skip
+    if open_clip.get_pretrained_cfg(model_name, pretrained):  # a tag: open_clip downloads it once
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained, device="cpu", **kwargs)
+        except RuntimeError as e:
+            raise RuntimeError(f"{who}: could not fetch open_clip weights {model_name!r} / {pretrained!r} ({e}); "
+                               f"without network, download the checkpoint on another machine and set pretrained to "
+                               f"its local path") from None  # fmt: skip
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        try:
+            return open_clip.create_model(model_name, pretrained=str(path), device="cpu", **kwargs)
+        except Exception as e:  # torch's strict load_state_dict, safetensors and unpickling errors
+            raise ValueError(
+                f"{who}: {path} does not fit open_clip model {model_name!r}: {_load_error_summary(e)} (expected a "
+                f"checkpoint of that whole model, image and text towers, as open_clip.create_model loads)"
+            ) from None
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:
+        raise FileNotFoundError(f"{who}: pretrained file {path} for open_clip model {model_name!r} not found")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise ValueError(
+        f"{who}: pretrained={pretrained!r} is neither an open_clip tag of {model_name!r} "
+        f"({', '.join(tags) if tags else 'it has none'}) nor an existing checkpoint file"
+    )
+
+
 class TextEncoder(nn.Module):
     """Frozen open_clip text transformer; forward(prompts) -> (emb (B, L, D) float32, mask (B, L) bool).
 
@@ -23,8 +75,9 @@ class TextEncoder(nn.Module):
     initialised text transformer from width/layers/heads with a fixed seed, so every process gets identical
     weights (latent caches and samples depend on it). A real open_clip name (e.g. "ViT-L-14") builds that
     model's text tower; `pretrained` is then an open_clip tag (e.g. "laion2b_s32b_b82k", downloaded by open_clip)
-    or a local checkpoint file. The embeddings are the final LayerNorm's output at every position (not the
-    pooled vector); mask is True up to and including the end-of-text token.
+    or a local checkpoint file of the whole open_clip model (see create_open_clip). The embeddings are the final
+    LayerNorm's output at every position (not the pooled vector); mask is True up to and including the end-of-text
+    token.
     """
 
     def __init__(
@@ -81,7 +134,7 @@ class TextEncoder(nn.Module):
                 f"only open_clip TextTransformer towers are supported"
             )
         # force_custom_text puts the text tower in model.text (a TextTransformer) and converts old checkpoints.
-        model = open_clip.create_model(model_name, pretrained=pretrained, force_custom_text=True, device="cpu")
+        model = create_open_clip(model_name, pretrained, who="TextEncoder", force_custom_text=True)
         text = model.text
         del model  # drops the vision tower
         if not isinstance(text, TextTransformer):

@@ -145,6 +145,19 @@ def ensure_data(cfg: DictConfig) -> None:
     say(f"shapes dataset: {manifest} ({time.time() - t0:.1f} s)")
 
 
+def video_data(cfg: DictConfig, vae):
+    """The VideoDataModule of cfg.data; with a `buckets` section, bucketed for this autoencoder and DiT patch."""
+    from minisora.data.datamodule import VideoDataModule
+
+    if cfg.get("buckets") is None:
+        return VideoDataModule(**kwargs(cfg.data))
+    from minisora.data.buckets import BucketSpec, Geometry
+
+    patch = tuple(cfg.model.patch_size or (1, 2, 2))
+    geometry = Geometry(vae.temporal_compression, vae.spatial_compression, patch)
+    return VideoDataModule(**kwargs(cfg.data), buckets=BucketSpec(**kwargs(cfg.buckets)), geometry=geometry)
+
+
 # ---- autoencoder -----------------------------------------------------------------------------
 def vae_path(cfg: DictConfig) -> Path:
     return Path(cfg.vae_weights) if cfg.get("vae_weights") else run_dir(cfg) / "vae" / "vae.safetensors"
@@ -152,11 +165,15 @@ def vae_path(cfg: DictConfig) -> Path:
 
 def train_vae(cfg: DictConfig) -> Path:
     """Train (or resume) the autoencoder of `cfg`, estimate its latent statistics, save it as safetensors."""
-    from minisora.data.datamodule import VideoDataModule
     from minisora.models.autoencoder import VideoVAE
     from minisora.training.callbacks import SkippedFilesLogger
     from minisora.training.lit_autoencoder import LitAutoencoder
 
+    if cfg.get("pretrained_vae") is not None:
+        from minisora.config import ConfigError
+
+        raise ConfigError(f"pretrained_vae is set ({cfg.pretrained_vae.kind}: {cfg.pretrained_vae.path}): that autoencoder "
+                          "is imported, not trained; run `minisora import-vae --config <this config>` instead")
     L.seed_everything(cfg.seed, workers=True)
     ensure_data(cfg)
     folder = run_dir(cfg) / "vae"
@@ -164,7 +181,7 @@ def train_vae(cfg: DictConfig) -> Path:
         save_config(cfg, folder / "config.yaml")
     vae = VideoVAE(**kwargs(cfg.vae))
     lit = LitAutoencoder(vae, **kwargs(cfg.vae_train))
-    data = VideoDataModule(**kwargs(cfg.data))
+    data = video_data(cfg, vae)
     n_params = sum(p.numel() for p in vae.parameters())
     C, t, h, w = vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     ratio = 3 * cfg.data.num_frames * cfg.data.height * cfg.data.width / (C * t * h * w)
@@ -196,13 +213,12 @@ def vae_stats(cfg: DictConfig, path: str | None = None, batches: int | None = No
     What `minisora vae-stats` runs: after fine-tuning a VAE elsewhere, or to re-measure on new data. Latent
     caches are keyed by the VAE's weights (stats included), so they are rebuilt on the next `cache`/`train`.
     """
-    from minisora.data.datamodule import VideoDataModule
     from minisora.models.autoencoder import load_autoencoder, save_autoencoder
     from minisora.training.lit_autoencoder import estimate_latent_stats
 
     target = Path(path) if path else vae_path(cfg)
     vae = load_autoencoder(target)
-    data = VideoDataModule(**kwargs(cfg.data))
+    data = video_data(cfg, vae)
     data.setup("fit")
     n = batches or cfg.vae_train.latent_stats_batches
     t0 = time.time()
@@ -219,6 +235,12 @@ def load_or_train_vae(cfg: DictConfig):
     from minisora.models.autoencoder import load_autoencoder
 
     path = vae_path(cfg)
+    if not path.is_file() and cfg.get("pretrained_vae") is not None:
+        # Imported once into a normal autoencoder file: cache keys, checkpoints, export and sampling see no difference.
+        from minisora.models.diffusers_vae import save_pretrained_vae
+
+        say(f"no autoencoder at {path}: importing {cfg.pretrained_vae.kind} from {cfg.pretrained_vae.path}")
+        save_pretrained_vae(path, **kwargs(cfg.pretrained_vae))
     if not path.is_file():
         if cfg.get("vae_weights"):
             raise FileNotFoundError(f"vae_weights: {path} does not exist")
@@ -242,30 +264,32 @@ def build_dit(cfg: DictConfig, latent_channels: int, text_dim: int):
     return VideoDiT(**args)
 
 
-def describe_dit(cfg: DictConfig, model, vae, lit) -> str:
+def describe_dit(cfg: DictConfig, model, vae, lit, buckets: list | None = None) -> str:
     T, H, W = cfg.data.num_frames, cfg.data.height, cfg.data.width
     C, t, h, w = vae.latent_shape(T, H, W)
     tokens = model.tokens(t, h, w)
     pt, ph, pw = model.patch_size
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    clip = f"clip 3x{T}x{H}x{W} -> latent {C}x{t}x{h}x{w} -> {tokens} tokens"
+    if buckets:  # sizes vary per batch: name the range (minisora data-stats lists them all)
+        big, small = buckets[0], buckets[-1]
+        clip = (f"{len(buckets)} bucket sizes from {small.name} ({small.tokens} tokens) to {big.name} "
+                f"({big.tokens} tokens)")  # fmt: skip
     return (
         f"DiT: {model.num_parameters() / 1e6:.2f} M parameters ({model.layout} attention, {len(model.blocks)} blocks, "
-        f"width {model.hidden_size}); clip 3x{T}x{H}x{W} -> latent {C}x{t}x{h}x{w} -> {tokens} tokens of "
-        f"{C * pt * ph * pw} values; device {dev}, precision {precision(cfg.trainer.precision)}, "
-        f"optimizer {lit.optimizer_name}, prediction {lit.prediction}"
+        f"width {model.hidden_size}); {clip} of {C * pt * ph * pw} values; device {dev}, precision "
+        f"{precision(cfg.trainer.precision)}, optimizer {lit.optimizer_name}, prediction {lit.prediction}"
     )
 
 
 def cache_latents(cfg: DictConfig) -> Path:
     """Encode the dataset once into the latent cache (what `minisora cache` runs); returns its folder."""
-    from minisora.data.datamodule import VideoDataModule
     from minisora.data.latents import LatentDataModule
     from minisora.models.text import TextEncoder
 
     ensure_data(cfg)
     vae = load_or_train_vae(cfg)
-    latents = LatentDataModule(VideoDataModule(**kwargs(cfg.data)), vae, TextEncoder(**kwargs(cfg.text)),
-                               **kwargs(cfg.latents))  # fmt: skip
+    latents = LatentDataModule(video_data(cfg, vae), vae, TextEncoder(**kwargs(cfg.text)), **kwargs(cfg.latents))
     latents.prepare_data()
     say(f"latent cache: {latents.folder}")
     return latents.folder
@@ -273,7 +297,6 @@ def cache_latents(cfg: DictConfig) -> Path:
 
 def train_dit(cfg: DictConfig, vae) -> Path:
     """Cache latents (once) and train (or resume) the DiT; returns the run folder."""
-    from minisora.data.datamodule import VideoDataModule
     from minisora.data.latents import LatentDataModule
     from minisora.models.text import TextEncoder
     from minisora.models.dit import DiTBlock
@@ -284,8 +307,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
     text = TextEncoder(**kwargs(cfg.text))
-    video = VideoDataModule(**kwargs(cfg.data))
-    latents = LatentDataModule(video, vae, text, **kwargs(cfg.latents))
+    latents = LatentDataModule(video_data(cfg, vae), vae, text, **kwargs(cfg.latents))
     model = build_dit(cfg, vae.latent_channels, text.dim)
     resume = last_checkpoint(folder)
     latents.key  # noqa: B018  (fixed now: LoRA layers added to the text tower below must not change the cache key)
@@ -295,7 +317,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     live_text = text if cfg.get("lora") and cfg.lora.text_encoder else None
     lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], text_encoder=live_text, **kwargs(cfg.dit_train))
     lit.run_config = to_plain(cfg)
-    say(describe_dit(cfg, model, vae, lit))
+    say(describe_dit(cfg, model, vae, lit, latents.video.buckets))
     if resume:
         say(f"resuming from {resume}")
     for line in report:

@@ -1,0 +1,171 @@
+"""Batches that never mix buckets: a sampler of whole batches, for one process or many (DDP).
+
+Each bucket is its own dataset (its clips at its exact size). The sampler deals out lists of indices into
+their concatenation, every list from one bucket; the DataLoader fetches a list at a time
+(`batch_size=None`), so a worker builds a whole batch. It subclasses DistributedSampler so Lightning keeps
+it as it is under DDP instead of wrapping it.
+
+Epoch order: each bucket's clips are shuffled by (seed, epoch) and cut into global batches of
+world_size x that bucket's batch size (the last one shorter: the remainder cut to a multiple of
+world_size, so a small bucket still trains), the global batches of all buckets are shuffled together, and rank r takes rows r, r+W, ... of each. So at every
+step all ranks train on the same bucket, no clip is seen twice in an epoch, and W ranks together see
+exactly the global batch one process with W times the batch would see (as latents.EpochSampler does).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class BucketBatchSampler(DistributedSampler):
+    """Yields this rank's batches (lists of indices into the concatenated bucket datasets), one bucket each."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        batch_sizes: Sequence[int],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        is_image: Sequence[bool] | None = None,
+        image_fraction: float | None = None,
+    ):
+        if len(sizes) != len(batch_sizes) or not sizes:
+            raise ValueError(f"BucketBatchSampler: one batch size per bucket, got {len(batch_sizes)} for {len(sizes)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"BucketBatchSampler: need 0 <= rank < world_size, got {rank}, {world_size}")
+        super().__init__(range(max(1, sum(sizes))), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.sizes, self.batch_sizes = [int(n) for n in sizes], [int(b) for b in batch_sizes]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        self.is_image = list(is_image) if is_image is not None else [False] * len(self.sizes)
+        self.image_fraction = image_fraction if shuffle else None
+        self.epoch, self.start = 0, 0  # `start`: batches of the first epoch to skip (a resumed run)
+        self.counts = self._counts()
+        if self.image_fraction is not None and self.image_fraction > 0 and self._images_short():
+            have, want = self._image_batches(), self._wanted_images()
+            got = have / max(1, have + self._video_batches())
+            warnings.warn(
+                f"buckets.image_fraction {self.image_fraction:g} needs {want} image batches per epoch but the 1-frame "
+                f"buckets fill {have}: {got:.0%} of the steps will be images (add images, or lower the fraction)",
+                stacklevel=2,
+            )
+
+    # ---- how many batches each bucket gives per epoch --------------------------------------------
+    def _full(self, k: int) -> int:
+        """Global batches bucket k gives per epoch: full ones, plus its remainder cut to a multiple of world_size."""
+        W = self.num_replicas if self.shuffle else 1
+        g = self.batch_sizes[k] * W
+        return self.sizes[k] // g + (self.sizes[k] % g >= W)
+
+    def _video_batches(self) -> int:
+        return sum(self._full(k) for k in range(len(self.sizes)) if not self.is_image[k])
+
+    def _image_batches(self) -> int:
+        return sum(self._full(k) for k in range(len(self.sizes)) if self.is_image[k])
+
+    def _wanted_images(self) -> int:
+        f = self.image_fraction
+        return round(f * self._video_batches() / (1 - f)) if self._video_batches() else self._image_batches()
+
+    def _images_short(self) -> bool:
+        return self._wanted_images() > self._image_batches()
+
+    def _counts(self) -> list[int]:
+        """Batches per epoch per bucket: all of them, or with image_fraction only enough image batches."""
+        counts = [self._full(k) for k in range(len(self.sizes))]
+        if self.image_fraction is None:
+            return counts
+        budget = min(self._wanted_images(), self._image_batches())
+        images = [k for k in range(len(self.sizes)) if self.is_image[k]]
+        total = sum(counts[k] for k in images)
+        left = budget
+        for k in images:  # share the image batches among the 1-frame buckets by their size
+            counts[k] = min(counts[k], math.floor(budget * counts[k] / total)) if total else 0
+            left -= counts[k]
+        for k in images:  # rounding leftovers
+            extra = min(left, self._full(k) - counts[k])
+            counts[k] += extra
+            left -= extra
+        return counts
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    # ---- the epoch ------------------------------------------------------------------------------
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of `epoch` together, in order: lists of world_size x batch indices."""
+        batches: list[tuple[int, list[int]]] = []
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        for k, (n, off) in enumerate(zip(self.sizes, self.offsets)):
+            order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+            W = self.num_replicas if self.shuffle else 1
+            size = self.batch_sizes[k] * W
+            for j in range(self.counts[k]):
+                chunk = order[j * size : (j + 1) * size]
+                chunk = chunk[: len(chunk) // W * W]  # the last, short batch: equal rows for every rank
+                batches.append((k, [off + i for i in chunk]))
+        if self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[p] for p in perm]
+        return [b for _, b in batches]
+
+    def __iter__(self):
+        W = self.num_replicas if self.shuffle else 1
+        epoch_batches = self.global_batches(self.epoch)
+        mine = [b[self.rank :: W] if W > 1 else b for b in epoch_batches]
+        start, self.start = self.start, 0
+        self.epoch += 1
+        return iter(mine[start:])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the sampler counts its own passes (latents.EpochSampler explains why)."""
+
+
+class BucketBatches(Dataset):
+    """The concatenated bucket datasets, indexed by a whole batch: `self[[i, j, ...]]` -> collated batch."""
+
+    def __init__(self, datasets: Sequence[Dataset], collate: Callable[[list], dict[str, Any]]):
+        self.datasets, self.collate = list(datasets), collate
+        self.offsets = [0]
+        for d in self.datasets:
+            self.offsets.append(self.offsets[-1] + len(d))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(bucket, index within it) of an index of the concatenation."""
+        for k in range(len(self.datasets)):
+            if index < self.offsets[k + 1]:
+                return k, index - self.offsets[k]
+        raise IndexError(f"index {index} out of range for {len(self)} items")
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        where = [self.locate(i) for i in indices]
+        buckets = {k for k, _ in where}
+        if len(buckets) != 1:  # a sampler bug, never data: say so loudly
+            raise RuntimeError(f"a batch mixes buckets {sorted(buckets)}; batches must hold one bucket")
+        batch = self.collate([self.datasets[k][i] for k, i in where])
+        batch["bucket"] = where[0][0]
+        return batch
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # the dataset already collated it (module level: picklable for worker processes)
+
+
+def bucket_loader(
+    data: BucketBatches, sampler: BucketBatchSampler, num_workers: int, timeout: float = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader that fetches whole one-bucket batches chosen by `sampler`."""
+    return DataLoader(
+        data, sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory, timeout=timeout if num_workers > 0 else 0,
+    )  # fmt: skip
