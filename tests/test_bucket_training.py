@@ -13,7 +13,8 @@ import torch
 
 from minisora.data.buckets import BucketSpec, Geometry
 from minisora.data.datamodule import VideoDataModule
-from minisora.data.latents import LatentDataModule, LatentDataset
+from minisora.data.latent_datamodule import LatentDataModule
+from minisora.data.latents import LatentDataset
 from minisora.data.shapes import make_shapes
 from minisora.io import read_clip, write_video
 from minisora.models.autoencoder import VideoVAE

@@ -52,6 +52,8 @@ def test_bucket_config_errors_name_the_key_and_what_was_expected():
         BucketSpec({"256px": [1]}, max_upscale=0.5)
     with pytest.raises(BucketError, match="image_fraction"):
         BucketSpec({"256px": [1]}, image_fraction=1.0)
+    with pytest.raises(BucketError, match=r"image_fraction 0.2 needs 1-frame buckets .* 256px: \[1, ...\]"):
+        BucketSpec({"256px": [17]}, image_fraction=0.2)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 8])

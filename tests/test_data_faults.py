@@ -26,7 +26,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from minisora.data.clips import ClipDataset, SkippedClipWarning
 from minisora.data.datamodule import VideoDataModule
-from minisora.data.latents import LatentDataModule
+from minisora.data.latent_datamodule import LatentDataModule
 from minisora.models.autoencoder import VideoVAE
 from minisora.models.text import TextEncoder
 from minisora.training.callbacks import SkippedFilesLogger

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import minisora.data.latents as latents_mod
+import minisora.data.latent_datamodule as latents_mod
 from minisora.data.clips import ClipDataset
 from minisora.data.datamodule import VideoDataModule
+from minisora.data.latent_datamodule import LatentDataModule
 from minisora.data.latents import (
-    LatentDataModule,
     LatentDataset,
     build_cache,
     is_complete,

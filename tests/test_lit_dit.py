@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minisora import diffusion
-from minisora.data.latents import LatentDataModule, build_cache
+from minisora.data.latent_datamodule import LatentDataModule
+from minisora.data.latents import build_cache
 from minisora.models.dit import VideoDiT
 from minisora.models.text import TextEncoder
 from minisora.training.lit_dit import LitVideoDiT, build_optimizer, lr_lambda

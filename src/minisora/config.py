@@ -74,7 +74,7 @@ def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
 def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Config section -> (the class or function it configures, its arguments that are not config)."""
     from minisora.data.datamodule import VideoDataModule
-    from minisora.data.latents import LatentDataModule
+    from minisora.data.latent_datamodule import LatentDataModule
     from minisora.models.autoencoder import VideoVAE
     from minisora.models.dit import VideoDiT
     from minisora.models.text import TextEncoder

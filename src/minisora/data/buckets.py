@@ -131,6 +131,9 @@ class BucketSpec:
             raise BucketError(f"buckets.max_upscale must be >= 1 (1 = never upscale), got {max_upscale!r}")
         if image_fraction is not None and not 0 <= image_fraction < 1:
             raise BucketError(f"buckets.image_fraction must be in [0, 1) or null, got {image_fraction!r}")
+        if image_fraction and not any(1 in frames for frames in self.resolutions.values()):
+            raise BucketError(f"buckets.image_fraction {image_fraction:g} needs 1-frame buckets to fill: add 1 to a "
+                              f"resolution's frames, e.g. {next(iter(self.resolutions))}: [1, ...]")
         if max_batch_size is not None and max_batch_size < 1:
             raise BucketError(f"buckets.max_batch_size must be >= 1 or null, got {max_batch_size!r}")
         self.max_upscale, self.image_fraction, self.max_batch_size = float(max_upscale), image_fraction, max_batch_size

@@ -284,7 +284,7 @@ def describe_dit(cfg: DictConfig, model, vae, lit, buckets: list | None = None) 
 
 def cache_latents(cfg: DictConfig) -> Path:
     """Encode the dataset once into the latent cache (what `minisora cache` runs); returns its folder."""
-    from minisora.data.latents import LatentDataModule
+    from minisora.data.latent_datamodule import LatentDataModule
     from minisora.models.text import TextEncoder
 
     ensure_data(cfg)
@@ -297,7 +297,7 @@ def cache_latents(cfg: DictConfig) -> Path:
 
 def train_dit(cfg: DictConfig, vae) -> Path:
     """Cache latents (once) and train (or resume) the DiT; returns the run folder."""
-    from minisora.data.latents import LatentDataModule
+    from minisora.data.latent_datamodule import LatentDataModule
     from minisora.models.text import TextEncoder
     from minisora.models.dit import DiTBlock
     from minisora.training import finetune
