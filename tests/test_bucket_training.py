@@ -114,10 +114,12 @@ def test_one_frame_latents_train_a_step_through_rope_and_padding():
 class RecordShapes(L.Callback):
     def __init__(self):
         self.shapes: list[tuple[int, ...]] = []
+        self.batches: list[tuple[int, tuple[str, ...]]] = []  # (index in its epoch, captions)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         key = "latents" if "latents" in batch else "video"
         self.shapes.append((key, *batch[key].shape))
+        self.batches.append((batch_idx, tuple(batch["caption"])))
 
 
 @pytest.mark.slow
@@ -154,6 +156,23 @@ def test_pipeline_trains_on_buckets_with_image_batches_and_samples_every_bucket(
                      "--prompt", "a red circle moving left", "--out", str(out)]) == 0  # fmt: skip
         clip = read_clip(next(out.glob("*.mp4")))
         assert clip.shape[:3] == (int(T), *size)
+
+    # Resume mid-epoch: drop the last checkpoints so a rerun starts at step 10; it must reach the same weights.
+    ckpts = tmp_path / "runs" / "shapes" / "checkpoints"
+    final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == 12
+    for name in ("last.ckpt", "step-000012.ckpt"):
+        (ckpts / name).unlink()
+    reference = recorders["dit"].batches
+    assert reference[10][0] > 0  # step 11 is not the first batch of an epoch: step 10 is a mid-epoch checkpoint
+    recorders.clear()
+    run.run_pipeline(load_config(ROOT / "configs/shapes.yaml", overrides))
+    assert recorders["dit"].shapes == dit[10:]  # steps 11 and 12 only, from the same buckets
+    assert recorders["dit"].batches == reference[10:]  # and the same clips at the same place in the epoch
+    resumed = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 12
+    for key, value in final["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_data_stats_prints_buckets_skips_and_the_token_histogram(dataset, tmp_path, capsys):
