@@ -166,6 +166,15 @@ def test_real_configs_have_the_published_compression():
     assert shift[0].item() == pytest.approx(-0.7571) and scale[0].item() == pytest.approx(2.8184)
 
 
+def test_a_missing_local_folder_is_named_not_reported_as_a_failed_download(tmp_path):
+    pytest.importorskip("diffusers", reason="needs the optional diffusers: pip install -e .[diffusers]")
+    from minisora.models.diffusers_vae import DiffusersVAE
+
+    missing = tmp_path / "no-such-vae"
+    with pytest.raises(FileNotFoundError, match=f"pretrained_vae.path {missing}: no such folder .*vae/config.json"):
+        DiffusersVAE.from_pretrained("wan", str(missing), subfolder="vae")
+
+
 @pytest.mark.parametrize("kind, dtype", [("ltx", "float32"), ("wan", "bfloat16"), ("sd", "float32")])
 def test_save_load_round_trip(folders, kind, dtype, tmp_path):
     from minisora.models.autoencoder import load_autoencoder, save_autoencoder

@@ -89,10 +89,13 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from minisora.data.stats import data_stats, format_stats
     from minisora.training.run import ensure_data
 
+    from minisora.sample import plain_warnings
+
     cfg = load_config(args.config, args.overrides)
     ensure_data(cfg)
     try:
-        stats = data_stats(cfg)
+        with plain_warnings("data-stats"):  # skipped manifest rows: one line each, not Python's file:line form
+            stats = data_stats(cfg)
     except BucketError as e:
         print(f"minisora data-stats: error: {e}", file=sys.stderr)
         return 2

@@ -145,6 +145,13 @@ class DiffusersVAE(Autoencoder):
         _check_kind(kind)
         diffusers = require_diffusers()
         torch_dtype = resolve_dtype(dtype)
+        local = Path(path).expanduser()
+        # A hub id is "owner/name"; an absolute, home or dot path that is missing is a local folder mistyped,
+        # which diffusers would otherwise report as a failed download.
+        if str(path).startswith(("/", "~", ".")) and not local.is_dir():
+            raise FileNotFoundError(f"pretrained_vae.path {path}: no such folder (expected a diffusers save_pretrained "
+                                    f"folder holding {subfolder + '/' if subfolder else ''}config.json, or a hub id like "
+                                    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")  # fmt: skip
         model = getattr(diffusers, DIFFUSERS_CLASSES[kind]).from_pretrained(
             path, subfolder=subfolder, revision=revision, torch_dtype=torch_dtype
         )
