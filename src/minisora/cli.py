@@ -87,9 +87,8 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from minisora.config import load_config
     from minisora.data.buckets import BucketError
     from minisora.data.stats import data_stats, format_stats
-    from minisora.training.run import ensure_data
-
     from minisora.sample import plain_warnings
+    from minisora.training.run import ensure_data
 
     cfg = load_config(args.config, args.overrides)
     ensure_data(cfg)

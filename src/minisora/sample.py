@@ -143,7 +143,7 @@ def aspect_size(pipe, aspect: str, resolution: str | None, frames: int) -> tuple
         keys = [k for k, frame_list in (buckets.get("resolutions") or {}).items() if frames in frame_list]
         resolution = max(keys, key=parse_resolution) if keys else None
     area = parse_resolution(resolution) if resolution else pipe.defaults["height"] * pipe.defaults["width"]
-    geometry = Geometry(pipe.vae.temporal_compression, pipe.vae.spatial_compression, tuple(pipe.model.patch_size))
+    geometry = Geometry.of(pipe.vae, pipe.model.patch_size)
     return geometry.frame_size(area, parse_aspect(aspect))
 
 
@@ -154,7 +154,7 @@ def trained_size_note(pipe, T: int, H: int, W: int) -> str | None:
     buckets = (pipe.config or {}).get("buckets")
     if not buckets:
         return None
-    geometry = Geometry(pipe.vae.temporal_compression, pipe.vae.spatial_compression, tuple(pipe.model.patch_size))
+    geometry = Geometry.of(pipe.vae, pipe.model.patch_size)
     sizes = [b.name for b in BucketSpec(**buckets).build(geometry)]
     if f"{T}x{H}x{W}" in sizes:
         return None

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     run_pipeline(cfg)
     seconds = round(time.time() - t0)
     pipe = TextToVideoPipeline.from_pretrained(run_dir(cfg))
-    geometry = Geometry(pipe.vae.temporal_compression, pipe.vae.spatial_compression, tuple(pipe.model.patch_size))
+    geometry = Geometry.of(pipe.vae, pipe.model.patch_size)
     results: dict = {"seconds_train": seconds, "buckets": {}}
     for bucket in BucketSpec(**kwargs(cfg.buckets)).build(geometry):
         t1 = time.time()

@@ -14,12 +14,13 @@ exactly the global batch one process with W times the batch would see (as latent
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 
 class BucketBatchSampler(DistributedSampler):
@@ -128,24 +129,19 @@ class BucketBatchSampler(DistributedSampler):
         """Ignored: the sampler counts its own passes (latents.EpochSampler explains why)."""
 
 
-class BucketBatches(Dataset):
+class BucketBatches(ConcatDataset):
     """The concatenated bucket datasets, indexed by a whole batch: `self[[i, j, ...]]` -> collated batch."""
 
     def __init__(self, datasets: Sequence[Dataset], collate: Callable[[list], dict[str, Any]]):
-        self.datasets, self.collate = list(datasets), collate
-        self.offsets = [0]
-        for d in self.datasets:
-            self.offsets.append(self.offsets[-1] + len(d))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
+        super().__init__(datasets)
+        self.collate = collate
 
     def locate(self, index: int) -> tuple[int, int]:
         """(bucket, index within it) of an index of the concatenation."""
-        for k in range(len(self.datasets)):
-            if index < self.offsets[k + 1]:
-                return k, index - self.offsets[k]
-        raise IndexError(f"index {index} out of range for {len(self)} items")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        k = bisect.bisect_right(self.cumulative_sizes, index)
+        return k, index - (self.cumulative_sizes[k - 1] if k else 0)
 
     def __getitem__(self, indices: list[int]) -> dict[str, Any]:
         where = [self.locate(i) for i in indices]

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+from minisora.data.clips import source_stride, source_window
 from minisora.data.sources import ClipRecord, short_list
 from minisora.io import MediaError, MediaInfo, probe
 
@@ -64,6 +65,13 @@ class Geometry:
     temporal: int  # the autoencoder's temporal compression
     spatial: int  # its spatial compression
     patch: tuple[int, int, int]  # the DiT's (pt, ph, pw)
+
+    @classmethod
+    def of(cls, autoencoder, patch_size: Sequence[int] | None = None) -> Geometry:
+        """From anything with temporal_/spatial_compression (an Autoencoder, or the `vae` config section) and the
+        DiT's patch_size (None: VideoDiT's default, 1x2x2)."""
+        patch = tuple(int(p) for p in (patch_size or (1, 2, 2)))
+        return cls(int(autoencoder.temporal_compression), int(autoencoder.spatial_compression), patch)
 
     def frame_size(self, area: int, aspect: float) -> tuple[int, int]:
         """(H, W) of about `area` pixels at width/height `aspect`, each rounded to a size the model takes."""
@@ -190,14 +198,6 @@ class Assignment:
         return Counter(why.split(":")[0] for _, why in self.skipped)
 
 
-def usable_frames(record: ClipRecord, info: MediaInfo, fps: float | None, frame_stride: int) -> tuple[int, float]:
-    """(source frames within the record's [start, end], source frames per clip frame) of a video."""
-    stride = info.fps / fps if fps else float(frame_stride)
-    lo = math.ceil(record.start * info.fps - 1e-6) if record.start is not None else 0
-    hi = min(info.num_frames, math.ceil(record.end * info.fps - 1e-6)) if record.end is not None else info.num_frames
-    return max(0, hi - lo), stride
-
-
 def max_frames(available: int, stride: float) -> int:
     """The longest clip (in frames) that `available` source frames give at this stride."""
     return int((available - 1) / stride + 1e-6) + 1 if available > 0 else 0
@@ -251,8 +251,8 @@ def assign(
         if info.is_image:
             frames = 1
         else:
-            available, stride = usable_frames(record, info, fps, frame_stride)
-            frames = max_frames(available, stride)
+            lo, hi = source_window(record, info, info.num_frames)  # the same window ClipDataset reads from
+            frames = max_frames(max(0, hi - lo), source_stride(info, fps, frame_stride))
         sizes.append((info.width, info.height, frames))
         ratio = info.width / info.height
         aspect = min(aspects, key=lambda a: abs(math.log(parse_aspect(a) / ratio)))

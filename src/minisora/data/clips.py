@@ -63,6 +63,18 @@ def substitute_stride(n: int) -> int:
     return step % n or 1
 
 
+def source_stride(info: MediaInfo, fps: float | None, frame_stride: int) -> float:
+    """Source frames per clip frame: resampled to `fps`, or every `frame_stride`-th frame."""
+    return info.fps / fps if fps else float(frame_stride)
+
+
+def source_window(record: ClipRecord, info: MediaInfo, count: int) -> tuple[int, int]:
+    """[lo, hi): the source frames of a video of `count` frames that lie within the record's [start, end] seconds."""
+    lo = math.ceil(record.start * info.fps - 1e-6) if record.start is not None else 0
+    hi = min(count, math.ceil(record.end * info.fps - 1e-6)) if record.end is not None else count
+    return lo, hi
+
+
 class ClipDataset(Dataset):
     """Map-style dataset of clips; item = dict(video, caption, label, path, skipped)."""
 
@@ -193,9 +205,8 @@ class ClipDataset(Dataset):
                     f"a still image is 1 frame, clips need {T} (short_policy='loop' makes it a static clip)",
                 )
             return [0] * T
-        stride = info.fps / self.fps if self.fps else float(self.frame_stride)
-        lo = math.ceil(record.start * info.fps - 1e-6) if record.start is not None else 0
-        hi = min(count, math.ceil(record.end * info.fps - 1e-6)) if record.end is not None else count
+        stride = source_stride(info, self.fps, self.frame_stride)
+        lo, hi = source_window(record, info, count)
         if lo >= count:
             raise MediaError(
                 record.path, f"start {record.start:g} s is past the end of the video ({count / info.fps:.2f} s)"

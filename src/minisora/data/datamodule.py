@@ -47,6 +47,29 @@ def resume_position(sampler, trainer, per_epoch: int, unit: int = 1) -> None:
         sampler.start = k * unit
 
 
+def one_bucket_loader(
+    data: BucketBatches, buckets: list[Bucket], spec: BucketSpec, batch_size: int, seed: int, train: bool, trainer,
+    num_workers: int, timeout: float, pin_memory: bool = False,
+) -> DataLoader:  # fmt: skip
+    """Batches of one bucket each, sized by token count (raw clips and the latent cache both use it).
+
+    train: shuffled per epoch, with image_fraction; with a `trainer`, this rank's share, resuming where the run is.
+    Validation (train=False): every batch in order, in one process.
+    """
+    trainer = trainer if train else None
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    sampler = BucketBatchSampler(
+        [len(d) for d in data.datasets], spec.batch_sizes(buckets, batch_size), shuffle=train,
+        seed=seed, rank=rank, world_size=world, is_image=[b.is_image for b in buckets],
+        image_fraction=spec.image_fraction,
+    )  # fmt: skip
+    if train:
+        resume_position(sampler, trainer, len(sampler))
+    if num_workers > 0:
+        rearm_worker_failure_handler()
+    return bucket_loader(data, sampler, num_workers, timeout, pin_memory)
+
+
 def rearm_worker_failure_handler() -> None:
     """Let PyTorch reinstall its SIGCHLD handler (instant notice of a dead DataLoader worker) if a past fit removed it.
 
@@ -257,18 +280,8 @@ class VideoDataModule(L.LightningDataModule):
         )
 
     def _bucket_loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
-        trainer = self.trainer if train else None
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = BucketBatchSampler(
-            [len(d) for d in data.datasets], self.spec.batch_sizes(buckets, self.batch_size), shuffle=train,
-            seed=self.seed, rank=rank, world_size=world, is_image=[b.is_image for b in buckets],
-            image_fraction=self.spec.image_fraction,
-        )  # fmt: skip
-        if train:
-            resume_position(sampler, trainer, len(sampler))
-        if self.num_workers > 0:
-            rearm_worker_failure_handler()
-        return bucket_loader(data, sampler, self.num_workers, self.timeout, self.pin_memory and torch.cuda.is_available())
+        return one_bucket_loader(data, buckets, self.spec, self.batch_size, self.seed, train, self.trainer,
+                                 self.num_workers, self.timeout, self.pin_memory and torch.cuda.is_available())  # fmt: skip
 
     def _loader(self, dataset: ClipDataset | BucketBatches, train: bool) -> DataLoader:
         if isinstance(dataset, BucketBatches):

@@ -18,10 +18,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from minisora.data.bucket_sampler import BucketBatches, BucketBatchSampler, bucket_loader
+from minisora.data.bucket_sampler import BucketBatches
 from minisora.data.buckets import Bucket
 from minisora.data.clips import ClipDataset
-from minisora.data.datamodule import VideoDataModule, collate_clips, rearm_worker_failure_handler, resume_position
+from minisora.data.datamodule import (
+    VideoDataModule,
+    collate_clips,
+    one_bucket_loader,
+    rearm_worker_failure_handler,
+    resume_position,
+)
 from minisora.data.latents import (
     CACHE_VERSION,
     LatentDataset,
@@ -204,18 +210,8 @@ class LatentDataModule(L.LightningDataModule):
         )
 
     def _bucket_loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
-        trainer = self.trainer if train else None
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        spec = self.video.spec
-        sampler = BucketBatchSampler(
-            [len(d) for d in data.datasets], spec.batch_sizes(buckets, self.batch_size), shuffle=train, seed=self.seed,
-            rank=rank, world_size=world, is_image=[b.is_image for b in buckets], image_fraction=spec.image_fraction,
-        )  # fmt: skip
-        if train:
-            resume_position(sampler, trainer, len(sampler))
-        if self.num_workers > 0:
-            rearm_worker_failure_handler()
-        return bucket_loader(data, sampler, self.num_workers, self._timeout)
+        return one_bucket_loader(data, buckets, self.video.spec, self.batch_size, self.seed, train, self.trainer,
+                                 self.num_workers, self._timeout)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -26,14 +26,11 @@ def geometry_of(cfg: DictConfig) -> Geometry:
     if path.is_file():
         from minisora.models.autoencoder import load_autoencoder
 
-        vae = load_autoencoder(path)
-        kt, s = vae.temporal_compression, vae.spatial_compression
-    elif cfg.get("pretrained_vae") is not None:
+        return Geometry.of(load_autoencoder(path), cfg.model.patch_size)
+    if cfg.get("pretrained_vae") is not None:
         raise BucketError(f"data-stats needs the autoencoder's compression: import it first with "
                           f"`minisora import-vae` (pretrained_vae: {cfg.pretrained_vae.kind}), which writes {path}")
-    else:
-        kt, s = cfg.vae.temporal_compression, cfg.vae.spatial_compression
-    return Geometry(kt, s, tuple(cfg.model.patch_size or (1, 2, 2)))
+    return Geometry.of(cfg.vae, cfg.model.patch_size)  # the VideoVAE the run will train
 
 
 def _single_size(cfg: DictConfig, geometry: Geometry) -> tuple[BucketSpec, list[Bucket]]:

@@ -153,8 +153,7 @@ def video_data(cfg: DictConfig, vae):
         return VideoDataModule(**kwargs(cfg.data))
     from minisora.data.buckets import BucketSpec, Geometry
 
-    patch = tuple(cfg.model.patch_size or (1, 2, 2))
-    geometry = Geometry(vae.temporal_compression, vae.spatial_compression, patch)
+    geometry = Geometry.of(vae, cfg.model.patch_size)
     return VideoDataModule(**kwargs(cfg.data), buckets=BucketSpec(**kwargs(cfg.buckets)), geometry=geometry)
 
 
