@@ -24,16 +24,18 @@ def shift_t(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
 
 
 def resolution_shift(num_tokens: int, base_tokens: int = 256, base_shift: float = 1.0,
-                     max_tokens: int = 4096, max_shift: float = 3.0) -> float:
+                     max_tokens: int = 4096, max_shift: float = 3.0, floor: bool = True) -> float:
     """Timestep shift for a sample of num_tokens tokens: more tokens, noisier timesteps.
 
     log(shift) is linear in the token count through (base_tokens, base_shift) and (max_tokens, max_shift),
-    as in Flux, and extrapolates above max_tokens; below base_tokens it stays at base_shift. Rationale (SD3,
-    Sec. 5.3.2): with more tokens the same noise level destroys less of the signal, as neighbouring tokens
-    average it out, so larger / longer videos need more time at high noise.
+    as in Flux, and extrapolates above max_tokens; below base_tokens it stays at base_shift (floor=False:
+    extrapolates there too, as diffusers' calculate_shift does for LTX-Video). Rationale (SD3, Sec. 5.3.2):
+    with more tokens the same noise level destroys less of the signal, as neighbouring tokens average it
+    out, so larger / longer videos need more time at high noise.
     """
     slope = (math.log(max_shift) - math.log(base_shift)) / (max_tokens - base_tokens)
-    return math.exp(math.log(base_shift) + slope * max(num_tokens - base_tokens, 0))
+    extra = max(num_tokens - base_tokens, 0) if floor else num_tokens - base_tokens
+    return math.exp(math.log(base_shift) + slope * extra)
 
 
 def sample_t(batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
@@ -190,3 +192,67 @@ def cfg_model(model: Callable, scale: float, cond: dict, uncond: dict, batched: 
         return v_uncond + scale * (v_cond - v_uncond)
 
     return guided
+
+
+# ---- diffusers' grids and solvers over the same velocity callable (released models) ----------------------------
+def flow_match_sigmas(steps: int, shift: float = 1.0, *, base: torch.Tensor | None = None,
+                      shift_terminal: float | None = None, shifted_min: bool = True,
+                      train_steps: int = 1000) -> torch.Tensor:
+    """The sigma grid (steps + 1,) of diffusers' FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps), 0 last.
+
+    The unshifted grid `base` (steps,) defaults to linspace(1, sigma_min, steps), where sigma_min is the
+    scheduler's smallest training sigma 1/train_steps, already shifted at construction unless the scheduler
+    shifts dynamically (shifted_min=False); set_timesteps then shifts the whole grid, so sigma_min is shifted
+    twice (checked against diffusers 0.42). A dynamic ("exponential") shift by mu is shift = exp(mu): both are
+    shift_t. shift_terminal stretches the grid so that its last non-zero sigma is that value (LTX-Video 0.9.1).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if base is None:
+        lowest = torch.tensor(1.0 / train_steps, dtype=torch.float32)  # the scheduler's float32 training sigmas
+        lowest = float(shift_t(lowest, shift)) if shifted_min else float(lowest)
+        base = torch.linspace(1.0, lowest, steps, dtype=torch.float64)
+    elif len(base) != steps:
+        raise ValueError(f"base must hold {steps} sigmas (one per step), got {len(base)}")
+    sigmas = shift_t(torch.as_tensor(base, dtype=torch.float64), shift)  # (steps,)
+    if shift_terminal:
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    return torch.cat([sigmas.float(), torch.zeros(1)])  # (steps + 1,)
+
+
+def flow_unipc(shift: float = 1.0, order: int = 2, **options):
+    """diffusers' UniPC multistep solver in its flow-matching form (Wan's default sampler) for sample_scheduler.
+
+    use_flow_sigmas with prediction_type "flow_prediction" makes it integrate the same v = noise - x0 over the
+    grid flow_match_sigmas would give with shift; it works for any velocity model, minisora's VideoDiT included.
+    """
+    from minisora.models.diffusers_vae import require_diffusers
+
+    return require_diffusers().UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, solver_order=order, **options
+    )
+
+
+@torch.no_grad()
+def sample_scheduler(model: Callable, x: torch.Tensor, scheduler, steps: int, *, sigmas: list[float] | None = None,
+                     mu: float | None = None, callback: Callable | None = None, **cond) -> torch.Tensor:
+    """Integrate dx/dt = model(x, t) with a diffusers flow-matching scheduler's own update rule (UniPC, Euler, ...).
+
+    The scheduler sets the grid (set_timesteps(steps, sigmas=, mu=)) and does every step; the model sees
+    t = timestep / num_train_timesteps, the value a diffusers pipeline gives its transformer (UniPC rounds
+    its timesteps to integers while stepping with exact sigmas, as Wan's pipeline does). `scheduler` is
+    reset here, so one object can serve many calls, but not two at once.
+    """
+    kwargs = {k: v for k, v in (("sigmas", sigmas), ("mu", mu)) if v is not None}
+    scheduler.set_timesteps(None if sigmas is not None else steps, device=x.device, **kwargs)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # what WanPipeline does: no search for the timestep in the grid
+    B, train_steps = x.shape[0], scheduler.config.num_train_timesteps
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = (timestep.double() / train_steps).float().to(x.device)  # 0-dim
+        v = model(x, t.expand(B), **cond)  # (B, ...)
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, denoised=x - t * v))
+        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    return x

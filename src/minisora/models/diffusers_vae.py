@@ -61,9 +61,8 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {', '.join(DIFFUSERS_CLASSES)} (pretrained autoencoder family), got {kind!r}")
 
 
-def _compression(kind: str, model: nn.Module) -> tuple[int, int]:
-    """(temporal, spatial) compression of a built diffusers model, from its config."""
-    cfg = model.config
+def compression(kind: str, cfg: dict[str, Any]) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers autoencoder, from its config (a model's, or its config.json)."""
     if kind == "ltx":  # the config's ratios when set, else what its patch sizes and scaling blocks imply
         scalings = sum(cfg["spatio_temporal_scaling"])
         t = cfg.get("temporal_compression_ratio") or cfg["patch_size_t"] * 2**scalings
@@ -132,7 +131,7 @@ class DiffusersVAE(Autoencoder):
         if tiling:
             self.vae.enable_tiling()  # every class here has it (AutoencoderMixin); it tiles only above its tile size
         self.set_latent_stats(*latent_stats(kind, self.vae))
-        self._kt, self._s = _compression(kind, self.vae)
+        self._kt, self._s = compression(kind, self.vae.config)
         # JSON-able: save_autoencoder writes it, load_autoencoder passes it back to this constructor.
         self.config = dict(kind=kind, diffusers_config=_jsonable(config), dtype=dtype, tiling=tiling, source=source)
 

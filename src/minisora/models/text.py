@@ -1,4 +1,5 @@
-"""TextEncoder: a frozen open_clip text tower that turns prompts into per-token embeddings and a padding mask."""
+"""TextEncoder: a frozen open_clip text tower (or a local T5-family encoder) that turns prompts into per-token
+embeddings and a padding mask; FrozenTextEncoder is the interface every text encoder shares."""
 
 import os
 import warnings
@@ -68,7 +69,72 @@ def create_open_clip(model_name: str, pretrained: str | None = None, *, who: str
     )
 
 
-class TextEncoder(nn.Module):
+class FrozenTextEncoder(nn.Module):
+    """The interface of every text encoder: forward(prompts) -> (emb (B, L, D) float32, mask (B, L) bool).
+
+    Subclasses set `dim` and implement `_encode(prompts)`; the encoder always stays in eval mode, computes
+    without gradients unless LoRA layers train through it, and caches the empty prompt's embedding for
+    classifier-free guidance. The latent cache stores what forward returns, so the encoder can be freed before
+    the denoiser trains.
+    """
+
+    def __init__(self, context_length: int):
+        super().__init__()
+        self._context_length = context_length
+        # Empty-prompt embedding for classifier-free guidance; a non-persistent buffer so it follows .to(device).
+        self.register_buffer("_null_emb", None, persistent=False)
+        self.register_buffer("_null_mask", None, persistent=False)
+
+    @property
+    def dim(self) -> int:
+        """Width D of the per-token embeddings."""
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int:
+        """Number of token positions L of every embedding."""
+        return self._context_length
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        """Always stays in eval mode: the encoder is frozen."""
+        return super().train(False)
+
+    def _warn_truncated(self, prompts: list[str], lengths: list[int]) -> None:
+        """Warn about prompts longer than the context (they are truncated), naming one and its token count."""
+        L = self._context_length
+        truncated = [(p, n) for p, n in zip(prompts, lengths) if n > L]
+        if truncated:
+            first, n = truncated[0]
+            first = first if len(first) <= 60 else first[:57] + "..."
+            warnings.warn(
+                f"{type(self).__name__}: {len(truncated)} prompt(s) longer than the {L}-token context were truncated, "
+                f"e.g. {first!r} ({n} tokens); raise context_length to keep them whole",
+                stacklevel=3,
+            )
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (B strings) -> emb (B, L, D) float32, mask (B, L) bool (True = real token).
+
+        Without gradients, unless LoRA layers were added (models/lora.py): then they train through it.
+        """
+        if isinstance(prompts, str):
+            raise TypeError(f"{type(self).__name__} expects a list of prompts, got a single string; wrap it in a list")
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(trainable):
+            return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and mask (1, L, D), (1, L) of the empty prompt, computed once (classifier-free guidance)."""
+        if self._null_emb is None:
+            with torch.no_grad():  # a constant, even when LoRA layers train through the encoder
+                self._null_emb, self._null_mask = self([""])
+        return self._null_emb, self._null_mask
+
+
+class TextEncoder(FrozenTextEncoder):
     """Frozen open_clip text transformer; forward(prompts) -> (emb (B, L, D) float32, mask (B, L) bool).
 
     model_name "tiny" (or any name open_clip does not know, with pretrained=None) builds a small randomly
@@ -77,7 +143,8 @@ class TextEncoder(nn.Module):
     model's text tower; `pretrained` is then an open_clip tag (e.g. "laion2b_s32b_b82k", downloaded by open_clip)
     or a local checkpoint file of the whole open_clip model (see create_open_clip). The embeddings are the final
     LayerNorm's output at every position (not the pooled vector); mask is True up to and including the end-of-text
-    token.
+    token. model_name "t5": a local T5-family encoder (T5 or umT5, e.g. a Wan or LTX-Video folder's) whose folder
+    is `pretrained` (models/t5_text.py; width/layers/heads/seed are then unused).
     """
 
     def __init__(
@@ -90,10 +157,19 @@ class TextEncoder(nn.Module):
         heads: int = 4,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(context_length)
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (start and end tokens), got {context_length}")
         self.model_name = model_name
+        if model_name == "t5":
+            from minisora.models.t5_text import T5TextEncoder
+
+            if pretrained is None:
+                raise ValueError("TextEncoder: model_name 't5' needs pretrained=<folder> of a T5-family encoder "
+                                 "(a diffusers pipeline folder, its text_encoder/, or a transformers T5 folder)")  # fmt: skip
+            self.text = T5TextEncoder(pretrained, context_length=context_length)
+            self.requires_grad_(False)
+            return
         registered = _is_registered(model_name)
         if not registered and pretrained is not None:
             raise ValueError(
@@ -117,12 +193,8 @@ class TextEncoder(nn.Module):
                 )
                 self.tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
         self.text.output_tokens = True  # forward returns (pooled, tokens); we use the tokens
-        self._context_length = context_length
         self.requires_grad_(False)
         self.eval()
-        # Empty-prompt embedding for classifier-free guidance; a non-persistent buffer so it follows .to(device).
-        self.register_buffer("_null_emb", None, persistent=False)
-        self.register_buffer("_null_mask", None, persistent=False)
 
     @staticmethod
     def _build_open_clip(model_name: str, pretrained: str | None,
@@ -150,16 +222,7 @@ class TextEncoder(nn.Module):
     @property
     def dim(self) -> int:
         """Width D of the per-token embeddings."""
-        return self.text.width
-
-    @property
-    def context_length(self) -> int:
-        """Number of token positions L of every embedding."""
-        return self._context_length
-
-    def train(self, mode: bool = True) -> "TextEncoder":
-        """Always stays in eval mode: the encoder is frozen."""
-        return super().train(False)
+        return self.text.dim if self.model_name == "t5" else self.text.width
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         L = self._context_length
@@ -174,30 +237,14 @@ class TextEncoder(nn.Module):
         else:  # other open_clip tokenizers (e.g. SigLIP's) pad with the tower's pad id
             mask = tokens != self.text.pad_id  # (B, L)
             lengths = [L if bool(m[-1]) else int(m.sum()) for m in mask]
-        truncated = [p for p, n in zip(prompts, lengths) if n > L]
-        if truncated:
-            first = truncated[0] if len(truncated[0]) <= 60 else truncated[0][:57] + "..."
-            warnings.warn(
-                f"TextEncoder: {len(truncated)} prompt(s) longer than the {L}-token context were truncated, "
-                f"e.g. {first!r}; raise context_length to keep them whole",
-                stacklevel=2,
-            )
+        self._warn_truncated(prompts, lengths)
         return tokens, mask
 
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (B strings) -> emb (B, L, D) float32, mask (B, L) bool (True = real token).
-
-        Without gradients, unless LoRA layers were added (models/lora.py): then they train through it.
-        """
-        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        with torch.set_grad_enabled(trainable):
-            return self._encode(prompts)
-
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError("TextEncoder expects a list of prompts, got a single string; wrap it in a list")
+        if self.model_name == "t5":
+            return self.text(prompts)
         device = self.text.positional_embedding.device
-        tokens, mask = self._tokenize(list(prompts))  # (B, L), (B, L)
+        tokens, mask = self._tokenize(prompts)  # (B, L), (B, L)
         pad = self.text.context_length - tokens.shape[1]
         if pad > 0 and self.text.attn_mask is not None:
             # The tower's causal mask is sized for its full context: pad, run, crop. Being causal, the first
@@ -205,10 +252,3 @@ class TextEncoder(nn.Module):
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)  # (B, L_model)
         _, emb = self.text(tokens.to(device))  # (B, L_model, D), after the final LayerNorm
         return emb[:, : self._context_length].float(), mask.to(device)  # (B, L, D), (B, L)
-
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding and mask (1, L, D), (1, L) of the empty prompt, computed once (classifier-free guidance)."""
-        if self._null_emb is None:
-            with torch.no_grad():  # a constant, even when LoRA layers train through the encoder
-                self._null_emb, self._null_mask = self([""])
-        return self._null_emb, self._null_mask

@@ -1,0 +1,152 @@
+"""Sampling parity with diffusers: minisora's samplers over a released model give the pipeline's own latents.
+
+Tiny random-weight Wan2.1 T2V, Wan2.2 TI2V and LTX-Video folders (tests/released_folders.py) are sampled
+by diffusers' pipeline (output_type="latent") and by minisora (load_released + sample_released) with the
+same prompt, negative prompt, seed, steps and guidance: (a) Euler over minisora's sigma grid against the
+pipeline with FlowMatchEulerDiscreteScheduler, (b) the folder's own scheduler (UniPC for Wan) through
+diffusion.sample_scheduler. LTX's pipeline returns packed (B, tokens, C) normalised latents: they are
+unpacked with the pipeline's _unpack_latents and compared as (B, C, t, h, w), normalised, like ours.
+Run with -s to see the relative errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="needs the optional diffusers: pip install -e .[diffusers]")
+pytest.importorskip("transformers", reason="needs transformers: pip install -e .[diffusers]")
+
+import released_folders as rf  # noqa: E402
+
+from minisora import diffusion as D  # noqa: E402
+
+TOLERANCE = 1e-4  # max |diff| / max |ref|
+STEPS, GUIDANCE, SEED = 3, 3.0, 0
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {family: rf.build_folder(root, family) for family in rf.FAMILIES}
+
+
+def pipeline_latents(folder, family: str, sampler: str, prompt: str = rf.PROMPT, **kw) -> torch.Tensor:
+    """The diffusers pipeline's latents (B, C, t, h, w), normalised; for "euler", with FlowMatchEuler at the folder's shift."""
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler == "euler" and family != "ltx":  # Wan folders ship UniPC: its flow_shift is the model's shift
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
+    F, H, W = rf.CLIPS[family]
+    out = pipe(prompt=prompt, negative_prompt=rf.NEGATIVE, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
+               **kw).frames  # fmt: skip
+    if family == "ltx":  # packed (B, t*h*w, C) -> (B, C, t, h, w)
+        t, h, w = (F - 1) // 8 + 1, H // 32, W // 32
+        out = pipe._unpack_latents(out, t, h, w)
+    return out
+
+
+def minisora_latents(model, family: str, sampler: str, prompt: str = rf.PROMPT) -> torch.Tensor:
+    from minisora.models.released import sample_released
+
+    F, H, W = rf.CLIPS[family]
+    return sample_released(model, [prompt], rf.NEGATIVE, num_frames=F, height=H, width=W, steps=STEPS,
+                           guidance=GUIDANCE, seed=SEED, sampler=sampler)  # fmt: skip
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("family", rf.FAMILIES)
+def test_sampling_parity(folders, family):
+    """(a) Euler on minisora's grid and (b) the folder's own scheduler equal diffusers' pipeline; a changed
+    prompt moves the latents far more than the tolerance (the check can fail)."""
+    from minisora.models.released import load_released
+
+    model = load_released(folders[family])
+    errors = {}
+    for sampler in ("euler", "default"):
+        ref = pipeline_latents(folders[family], family, sampler)
+        ours = minisora_latents(model, family, sampler)
+        errors[sampler] = relative_error(ours, ref)
+        print(f"parity {family} {sampler}: max|diff|/max|ref| = {errors[sampler]:.2e}")
+        assert torch.isfinite(ours).all() and ref.abs().max() > 1
+    assert max(errors.values()) <= TOLERANCE, errors
+    other = minisora_latents(model, family, "default", prompt="a blue square moving up")
+    assert relative_error(other, ref) > 20 * TOLERANCE
+
+
+def test_ltx_rope_scale_follows_the_frame_rate(folders):
+    """LTX-Video's RoPE time scale is 8 / frame_rate: the adapter matches the pipeline at 24 fps, and 24 != 25."""
+    from minisora.models.released import load_released
+
+    ref = pipeline_latents(folders["ltx"], "ltx", "default", frame_rate=24)
+    at_24 = minisora_latents(load_released(folders["ltx"], frame_rate=24, vae=False), "ltx", "default")
+    at_25 = minisora_latents(load_released(folders["ltx"], vae=False), "ltx", "default")
+    assert relative_error(at_24, ref) <= TOLERANCE
+    assert relative_error(at_25, ref) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("shift, steps", [(1.0, 4), (3.0, 4), (5.0, 7), (12.0, 30)])
+def test_flow_match_sigmas_equal_the_scheduler(shift, steps):
+    """The grid of FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps): sigma_min shifted twice, 0 last."""
+    import diffusers
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    ours = D.flow_match_sigmas(steps, shift)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)
+    assert ours[-1] == 0 and ours[0] == 1
+    if shift > 1:  # the naive grid (sigma_min shifted once) is not it
+        once = D.shift_t(torch.linspace(1.0, 1e-3, steps, dtype=torch.float64), shift).float()
+        assert (once - scheduler.sigmas[:-1]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("tokens", [12, 2048, 6000])
+def test_ltx_grid_equals_the_scheduler(tokens):
+    """LTX-Video 0.9.1: calculate_shift(tokens) (extrapolated below 1024 and above 4096 tokens), shift_terminal 0.1."""
+    import math
+
+    import diffusers
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    from minisora.models.released import ltx_shift
+
+    scheduler = rf.ltx_parts()["scheduler"]
+    cfg = scheduler.config
+    mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    assert math.log(ltx_shift(cfg, tokens)) == pytest.approx(mu, abs=1e-12)
+    steps = 5
+    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    scheduler.set_timesteps(sigmas=base.tolist(), mu=mu)
+    ours = D.flow_match_sigmas(steps, ltx_shift(cfg, tokens), base=base, shift_terminal=cfg.shift_terminal)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)
+    assert ours[-2].item() == pytest.approx(0.1, abs=1e-6)
+    assert isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
+
+
+def test_flow_unipc_on_minisora_models():
+    """flow_unipc + sample_scheduler on the exact velocity of Gaussian data: second order beats Euler at 6 steps,
+    and it drives minisora's own VideoDiT (t in [0, 1]) like any velocity model."""
+    from test_diffusion import MU, S, gaussian_velocity
+
+    from minisora.models.dit import VideoDiT
+
+    z = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))
+    exact = MU + S * z
+    unipc = (D.sample_scheduler(gaussian_velocity, z.clone(), D.flow_unipc(shift=1.0), 6) - exact).abs().max().item()
+    euler = (D.sample_euler(gaussian_velocity, z.clone(), D.flow_match_sigmas(6)) - exact).abs().max().item()
+    assert unipc < 0.5 * euler, (unipc, euler)  # measured 0.15 vs 0.60
+
+    torch.manual_seed(0)
+    dit = VideoDiT(in_channels=4, hidden_size=32, depth=1, num_heads=2, condition="none").eval()
+    seen = []
+    x = D.sample_scheduler(dit, torch.randn(1, 4, 2, 4, 4), D.flow_unipc(shift=3.0), 4,
+                           callback=lambda info: seen.append(float(info["t"])))  # fmt: skip
+    assert x.shape == (1, 4, 2, 4, 4) and torch.isfinite(x).all()
+    assert len(seen) == 4 and 0.99 <= seen[0] <= 1 and all(a > b for a, b in zip(seen, seen[1:]))
