@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("a red green blue circle square triangle moving left right up down slowly quickly on the black white "
          "background small large cat dog runs jumps over under bright dark").split()  # fmt: skip
 PROMPT = "a red circle moving left on the black background"
