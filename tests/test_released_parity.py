@@ -31,12 +31,15 @@ def folders(tmp_path_factory):
     return {family: rf.build_folder(root, family) for family in rf.FAMILIES}
 
 
-def pipeline_latents(folder, family: str, sampler: str, prompt: str = rf.PROMPT, **kw) -> torch.Tensor:
-    """The diffusers pipeline's latents (B, C, t, h, w), normalised; for "euler", with FlowMatchEuler at the folder's shift."""
+def pipeline_latents(folder, family: str, sampler: str, prompt: str = rf.PROMPT, lora=None, **kw) -> torch.Tensor:
+    """The diffusers pipeline's latents (B, C, t, h, w), normalised; for "euler", with FlowMatchEuler at the folder's
+    shift; with the LoRA file `lora` loaded by the pipeline's load_lora_weights."""
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     if sampler == "euler" and family != "ltx":  # Wan folders ship UniPC: its flow_shift is the model's shift
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
     F, H, W = rf.CLIPS[family]
