@@ -130,5 +130,5 @@ def test_a_lora_for_another_base_is_refused(folders, tmp_path):
     save_file(tensors, str(tmp_path / "wide.safetensors"))
     with pytest.raises(LoraError, match=r"layer blocks.0.attn1.to_q does not fit this base: lora_A \(4, 32\)"):
         load_released_lora(tmp_path / "wide.safetensors", fresh_wan)
-    with pytest.raises(LoraError, match="no such LoRA file"):
+    with pytest.raises(LoraError, match="no such adapter file"):
         load_released_lora(tmp_path / "none.safetensors", fresh_wan)

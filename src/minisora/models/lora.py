@@ -148,8 +148,8 @@ def save_adapter(
     return path
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata with `lora` settings parsed) of an adapter file; LoraError for anything else."""
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors LoRA file; LoraError naming the file if missing or not one."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -161,6 +161,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise LoraError(f"{path}: not a LoRA adapter (not a safetensors file: {e})") from None
+    return tensors, meta
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with `lora` settings parsed) of an adapter file; LoraError for anything else."""
+    tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         raise LoraError(
             f"{path}: not a minisora LoRA adapter (format {meta.get('format')!r}, expected {FORMAT!r}); adapters are "

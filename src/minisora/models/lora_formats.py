@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minisora.models.lora import LoraError, adapter_state, add_lora, has_lora, lora_layers, set_scale
+from minisora.models.lora import (LoraError, adapter_state, add_lora, has_lora, lora_layers, read_safetensors,
+                                  set_scale)
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 FORMATS = ("diffusers", "comfyui")
@@ -146,20 +147,12 @@ def read_released_lora(path: str | Path, denoiser: nn.Module) -> tuple[dict[str,
     either format, checked against the denoiser's transformer; LoraError naming the file and what does not fit."""
     import diffusers
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from safetensors import SafetensorError, safe_open
 
     transformer_cls, pipeline, _ = _family(denoiser)
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_FILE
-    if not path.is_file():
-        raise LoraError(f"{path}: no such LoRA file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise LoraError(f"{path}: not a LoRA file (not a safetensors file: {e})") from None
+    tensors, header = read_safetensors(path)
     base = json.loads(header.get(BASE_KEY, "{}"))
     if base.get("transformer") and base["transformer"] != transformer_cls:
         raise LoraError(f"{path}: this LoRA was made for another base ({base['transformer']}, from {base.get('source')}); "
