@@ -99,6 +99,9 @@ def set_scale(model: nn.Module, scale: float) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each LoRA update into its base weight (peft's merge) and put the plain layer back; returns `model`."""
+    from minisora.models.quantized import check_mergeable
+
+    check_mergeable(model)  # an 8-bit base cannot take a float update
     for name, layer in lora_layers(model):
         layer.merge(safe_merge=True)  # raises if the merged weight is not finite
         parent_name, _, child = name.rpartition(".")
