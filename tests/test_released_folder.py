@@ -185,3 +185,15 @@ def test_mismatched_shapes_are_named(folders, tmp_path):
     edit(folder / "transformer" / "config.json", patch_size=2)
     with pytest.raises(FolderError, match="patches other than 1 are not supported"):
         describe(folder)
+
+
+def test_sampler_options_without_an_euler_grid_are_refused(folders, tmp_path):
+    from minisora.models.released import load_released, sample_released
+
+    folder = copy(folders["wan21"], tmp_path)
+    edit(folder / "scheduler" / "scheduler_config.json", use_karras_sigmas=True)
+    model = load_released(folder, vae=False)
+    with pytest.raises(ValueError, match="scheduler_config.json: use_karras_sigmas has no Euler grid here"):
+        model.euler_sigmas(4, tokens=12)
+    with pytest.raises(ValueError, match="sampler must be one of default, euler, got 'heun'"):
+        sample_released(model, ["a cat"], num_frames=9, height=32, width=32, steps=2, sampler="heun")

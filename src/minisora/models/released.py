@@ -155,15 +155,15 @@ class ReleasedModel:
         LTX-Video: its own scheduler's grid (token-dependent shift for 0.9.0/0.9.1, shift_terminal). Wan: the
         Euler scheduler at the folder's shift (UniPC's flow_shift), set_timesteps(steps).
         """
-        cfg = self.scheduler.config
-        if self.info.family is LTX:
-            base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-            shift = ltx_shift(cfg, tokens) if cfg.get("use_dynamic_shifting") else cfg.get("shift", 1.0)
-            return diffusion.flow_match_sigmas(steps, shift, base=base, shift_terminal=cfg.get("shift_terminal"))
-        bad = [k for k in EULER_UNSUPPORTED if cfg.get(k)]
+        cfg, ltx = self.scheduler.config, self.info.family is LTX
+        bad = [k for k in EULER_UNSUPPORTED if cfg.get(k) and not (ltx and k == "use_dynamic_shifting")]
         if bad:
             raise ValueError(f"{self.info.path / 'scheduler/scheduler_config.json'}: {', '.join(bad)} has no Euler "
                              "grid here; use the folder's own scheduler (sampler 'default')")  # fmt: skip
+        if ltx:
+            base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+            shift = ltx_shift(cfg, tokens) if cfg.get("use_dynamic_shifting") else cfg.get("shift", 1.0)
+            return diffusion.flow_match_sigmas(steps, shift, base=base, shift_terminal=cfg.get("shift_terminal"))
         shift = cfg.get("flow_shift") if "flow_shift" in cfg else cfg.get("shift", 1.0)
         return diffusion.flow_match_sigmas(steps, shift, shift_terminal=cfg.get("shift_terminal"))
 
