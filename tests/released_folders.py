@@ -27,7 +27,8 @@ def tokenizer():
     """A T5Tokenizer over WORDS (no sentencepiece file: transformers builds it from the word list)."""
     from transformers import T5Tokenizer
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    words = [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]  # "\u2581": sentencepiece's word start
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + words
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 

@@ -25,7 +25,7 @@ def folder(tmp_path_factory):
 
 
 def train_lora(folder, int8: bool) -> tuple[object, list[float]]:
-    """30 AdamW steps of a rank-4 LoRA on the tiny Wan model (fixed data, noise and timesteps); returns model, losses."""
+    """30 AdamW steps of a rank-4 LoRA on the tiny Wan model (fixed data, noise, timesteps); returns model, losses."""
     from minisora.models.released import load_released
 
     model = load_released(folder, vae=False)

@@ -110,27 +110,27 @@ def test_flow_match_sigmas_equal_the_scheduler(shift, steps):
         assert (once - scheduler.sigmas[:-1]).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("tokens", [12, 2048, 6000])
-def test_ltx_grid_equals_the_scheduler(tokens):
-    """LTX-Video 0.9.1: calculate_shift(tokens) (extrapolated below 1024 and above 4096 tokens), shift_terminal 0.1."""
-    import math
-
+@pytest.mark.parametrize("tokens, time_shift_type", [(12, "exponential"), (2048, "exponential"), (6000, "linear")])
+def test_ltx_grid_equals_the_scheduler(tokens, time_shift_type):
+    """LTX-Video 0.9.1: mu = calculate_shift(tokens) (extrapolated below 1024 and above 4096 tokens), a dynamic
+    shift by mu (exponential or linear), shift_terminal 0.1."""
     import diffusers
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-    from minisora.models.released import ltx_shift
+    from minisora.models.released import dynamic_shift, ltx_mu
 
-    scheduler = rf.ltx_parts()["scheduler"]
-    cfg = scheduler.config
-    mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-    assert math.log(ltx_shift(cfg, tokens)) == pytest.approx(mu, abs=1e-12)
+    cfg = dict(rf.ltx_parts()["scheduler"].config, time_shift_type=time_shift_type)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    mu = calculate_shift(tokens, *(cfg[k] for k in keys))
+    assert ltx_mu(scheduler.config, tokens) == pytest.approx(mu, abs=1e-12)
     steps = 5
     base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     scheduler.set_timesteps(sigmas=base.tolist(), mu=mu)
-    ours = D.flow_match_sigmas(steps, ltx_shift(cfg, tokens), base=base, shift_terminal=cfg.shift_terminal)
+    shift = dynamic_shift(scheduler.config, mu)
+    ours = D.flow_match_sigmas(steps, shift, base=base, shift_terminal=cfg["shift_terminal"])
     torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)
     assert ours[-2].item() == pytest.approx(0.1, abs=1e-6)
-    assert isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
 
 
 def test_flow_unipc_on_minisora_models():

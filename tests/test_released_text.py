@@ -44,7 +44,7 @@ def test_wan_umt5_equals_the_pipeline(folders):
 
 
 def test_ltx_t5_equals_the_pipeline(folders):
-    """128 tokens, the encoder sees the padding (no mask), the mask goes to the transformer: LTXPipeline.encode_prompt."""
+    """128 tokens, the encoder sees the padding (no mask), the mask goes to the transformer: LTXPipeline's encoding."""
     import diffusers
 
     pipe = diffusers.LTXPipeline.from_pretrained(folders["ltx"])

@@ -41,7 +41,8 @@ LTX = Family("ltx-video", "LTXPipeline", "LTXVideoTransformer3DModel", "Autoenco
              "T5EncoderModel", 128, 50, 3.0)  # fmt: skip
 FAMILIES = (WAN21, WAN22, LTX)
 TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast", "AutoTokenizer")
-SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")  # the folder's own: sample_scheduler runs them
+# The folder's own scheduler is the default sampler: diffusion.sample_scheduler runs these two (tested).
+SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": None}  # others: config.json
 
@@ -146,6 +147,6 @@ def _check_shapes(info: FolderInfo) -> None:
     if info.classes["scheduler"] == "UniPCMultistepScheduler" and not (
         sched.get("use_flow_sigmas") and sched.get("prediction_type") == "flow_prediction"
     ):  # fmt: skip
+        got = f"use_flow_sigmas {sched.get('use_flow_sigmas')}, prediction_type {sched.get('prediction_type')!r}"
         raise FolderError(f"{folder / 'scheduler/scheduler_config.json'}: a UniPC scheduler must be in flow form "
-                          f"(use_flow_sigmas true, prediction_type flow_prediction), got use_flow_sigmas "
-                          f"{sched.get('use_flow_sigmas')}, prediction_type {sched.get('prediction_type')!r}")  # fmt: skip
+                          f"(use_flow_sigmas true, prediction_type flow_prediction), got {got}")  # fmt: skip

@@ -43,10 +43,12 @@ FAMILIES = {
         "mlp": r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
     }),
 }  # fmt: skip
-# diffusers module names of WanTransformer3DModel -> the original Wan repository's (what diffusers' converter maps back).
+# WanTransformer3DModel's module names -> the original Wan repository's (what diffusers' converter maps back).
 WAN_ORIGINAL = [
-    (r"blocks\.(\d+)\.attn1\.to_([qkv])", r"blocks.\1.self_attn.\2"), (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
-    (r"blocks\.(\d+)\.attn2\.to_([qkv])", r"blocks.\1.cross_attn.\2"), (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+    (r"blocks\.(\d+)\.attn1\.to_([qkv])", r"blocks.\1.self_attn.\2"),
+    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+    (r"blocks\.(\d+)\.attn2\.to_([qkv])", r"blocks.\1.cross_attn.\2"),
+    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
     (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"), (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
     (r"condition_embedder\.time_proj", "time_projection.1"), (r"proj_out", "head.head"),
     (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
@@ -62,8 +64,8 @@ def _family(denoiser: nn.Module) -> tuple[str, str, dict[str, str]]:
     transformer = getattr(denoiser, "transformer", None)
     name = type(transformer).__name__
     if name not in FAMILIES:
-        raise LoraError(f"released LoRA needs a released denoiser (Wan or LTX-Video adapter), got {type(denoiser).__name__} "
-                        f"holding {name}")  # fmt: skip
+        raise LoraError(f"released LoRA needs a released denoiser (Wan or LTX-Video adapter), got "
+                        f"{type(denoiser).__name__} holding {name}")  # fmt: skip
     return (name, *FAMILIES[name])
 
 
@@ -73,7 +75,8 @@ def add_released_lora(denoiser: nn.Module, rank: int = 16, alpha: float = 16.0, 
     default all three) or regexes over the transformer's module names. Returns the denoiser."""
     _, _, groups = _family(denoiser)
     targets = list(targets) if targets else list(groups)
-    add_lora(denoiser.transformer, rank, alpha, dropout, [groups.get(t, t) for t in targets], where="released transformer")
+    patterns = [groups.get(t, t) for t in targets]
+    add_lora(denoiser.transformer, rank, alpha, dropout, patterns, where="released transformer")
     return denoiser
 
 
@@ -112,7 +115,8 @@ def save_released_lora(path: str | Path, denoiser: nn.Module, format: str = "dif
     ranks = {a.shape[0] for a, _, _ in pairs.values()}
     alphas = {alpha for _, _, alpha in pairs.values()}
     if len(ranks) != 1 or len(alphas) != 1:
-        raise LoraError(f"one rank and alpha for every layer expected, got ranks {sorted(ranks)} alphas {sorted(alphas)}")
+        raise LoraError(f"one rank and alpha for all layers expected, got ranks {sorted(ranks)}, "
+                        f"alphas {sorted(alphas)}")
     (rank,), (alpha,) = ranks, alphas
     meta = {"format": "pt", BASE_KEY: json.dumps({"transformer": transformer, "source": source})}
     tensors = {}
@@ -155,14 +159,14 @@ def read_released_lora(path: str | Path, denoiser: nn.Module) -> tuple[dict[str,
     tensors, header = read_safetensors(path)
     base = json.loads(header.get(BASE_KEY, "{}"))
     if base.get("transformer") and base["transformer"] != transformer_cls:
-        raise LoraError(f"{path}: this LoRA was made for another base ({base['transformer']}, from {base.get('source')}); "
-                        f"this model's transformer is {transformer_cls}")  # fmt: skip
+        raise LoraError(f"{path}: this LoRA was made for another base ({base['transformer']}, from "
+                        f"{base.get('source')}); this model's transformer is {transformer_cls}")  # fmt: skip
     fmt = "comfyui" if any(k.startswith("diffusion_model.") for k in tensors) else "diffusers"
     try:  # diffusers' own conversion of original-Wan / ComfyUI keys
         state = getattr(diffusers, pipeline).lora_state_dict(tensors)
     except (ValueError, KeyError, IndexError) as e:
-        raise LoraError(f"{path}: not a LoRA for {transformer_cls} ({pipeline}.lora_state_dict could not read its keys: "
-                        f"{type(e).__name__} {e})") from None  # fmt: skip
+        raise LoraError(f"{path}: not a LoRA for {transformer_cls} ({pipeline}.lora_state_dict could not read its "
+                        f"keys: {type(e).__name__} {e})") from None  # fmt: skip
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     bad = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 BLOCK_LINEARS = r"(transformer_)?blocks\.\d+\..+"  # Wan's blocks.N..., LTX-Video's transformer_blocks.N...
@@ -53,7 +52,7 @@ def quantize_int8(model: nn.Module, targets: str = BLOCK_LINEARS, threshold: flo
 
 
 def is_int8(model: nn.Module) -> bool:
-    """True if `model` holds Linear8bitLt layers (then a LoRA must stay separate: merging would corrupt int8 weights)."""
+    """True if `model` holds Linear8bitLt layers (a LoRA must then stay separate: merging corrupts int8 weights)."""
     try:
         bnb = _bnb()
     except ImportError:
@@ -62,7 +61,7 @@ def is_int8(model: nn.Module) -> bool:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the parameters of `model` (int8 weights count 1 byte each; their scales are buffers, not counted)."""
+    """Bytes held by the parameters of `model` (int8 weights count 1 byte each; their scales are not parameters)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

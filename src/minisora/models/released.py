@@ -147,7 +147,7 @@ class ReleasedModel:
             return {}
         # LTXPipeline: sigmas linspace(1, 1/N, N) and mu = calculate_shift(tokens) (used when shifting dynamically)
         return dict(sigmas=torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist(),
-                    mu=math.log(ltx_shift(self.scheduler.config, tokens)))  # fmt: skip
+                    mu=ltx_mu(self.scheduler.config, tokens))  # fmt: skip
 
     def euler_sigmas(self, steps: int, tokens: int) -> torch.Tensor:
         """The sigma grid (steps + 1,) of FlowMatchEulerDiscreteScheduler as the family's pipeline sets it.
@@ -162,24 +162,28 @@ class ReleasedModel:
                              "grid here; use the folder's own scheduler (sampler 'default')")  # fmt: skip
         if ltx:
             base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-            shift = ltx_shift(cfg, tokens) if cfg.get("use_dynamic_shifting") else cfg.get("shift", 1.0)
+            dynamic = cfg.get("use_dynamic_shifting")
+            shift = dynamic_shift(cfg, ltx_mu(cfg, tokens)) if dynamic else cfg.get("shift", 1.0)
             return diffusion.flow_match_sigmas(steps, shift, base=base, shift_terminal=cfg.get("shift_terminal"))
         shift = cfg.get("flow_shift") if "flow_shift" in cfg else cfg.get("shift", 1.0)
         return diffusion.flow_match_sigmas(steps, shift, shift_terminal=cfg.get("shift_terminal"))
 
 
-def ltx_shift(scheduler_config, tokens: int) -> float:
-    """LTXPipeline's token-dependent shift: exp(mu), mu = calculate_shift(tokens) linear in the token count.
+def ltx_mu(scheduler_config, tokens: int) -> float:
+    """LTXPipeline's calculate_shift(tokens): mu linear in the token count, extrapolated beyond either end.
 
-    LTX-Video 0.9.0/0.9.1: mu 0.95 at 1024 tokens to 2.05 at 4096, extrapolated beyond either (no floor).
-    A "linear" time_shift_type shifts by mu itself.
+    LTX-Video 0.9.0/0.9.1: mu 0.95 at 1024 tokens to 2.05 at 4096. mu is the log of a resolution_shift.
     """
     cfg = scheduler_config
-    shift = diffusion.resolution_shift(
+    return math.log(diffusion.resolution_shift(
         tokens, base_tokens=cfg.get("base_image_seq_len", 256), base_shift=math.exp(cfg.get("base_shift", 0.5)),
         max_tokens=cfg.get("max_image_seq_len", 4096), max_shift=math.exp(cfg.get("max_shift", 1.15)), floor=False,
-    )  # fmt: skip
-    return math.log(shift) if cfg.get("time_shift_type", "exponential") == "linear" else shift
+    ))  # fmt: skip
+
+
+def dynamic_shift(scheduler_config, mu: float) -> float:
+    """The shift_t shift equal to diffusers' dynamic time_shift(mu): exp(mu) ("exponential") or mu ("linear")."""
+    return mu if scheduler_config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 def load_released(folder: str | Path, dtype: str = "float32", frame_rate: float = 25, vae: bool = True,
@@ -195,7 +199,9 @@ def load_released(folder: str | Path, dtype: str = "float32", frame_rate: float 
     transformer = getattr(diffusers, info.classes["transformer"]).from_pretrained(
         path, subfolder="transformer", torch_dtype=resolve_dtype(dtype)
     ).eval()
-    autoencoder = DiffusersVAE.from_pretrained(family.vae_kind, str(path), subfolder="vae", dtype=dtype) if vae else None
+    autoencoder = None
+    if vae:
+        autoencoder = DiffusersVAE.from_pretrained(family.vae_kind, str(path), subfolder="vae", dtype=dtype)
     if family is LTX:
         denoiser = LTXDenoiser(transformer, *compression("ltx", info.configs["vae"]), frame_rate)
     else:

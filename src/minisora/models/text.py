@@ -165,8 +165,8 @@ class TextEncoder(FrozenTextEncoder):
             from minisora.models.t5_text import T5TextEncoder
 
             if pretrained is None:
-                raise ValueError("TextEncoder: model_name 't5' needs pretrained=<folder> of a T5-family encoder "
-                                 "(a diffusers pipeline folder, its text_encoder/, or a transformers T5 folder)")  # fmt: skip
+                raise ValueError("TextEncoder: model_name 't5' needs pretrained=<folder> of a T5-family encoder (a "
+                                 "diffusers pipeline folder, its text_encoder/, or a transformers T5 folder)")
             self.text = T5TextEncoder(pretrained, context_length=context_length)
             self.requires_grad_(False)
             return
