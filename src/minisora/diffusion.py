@@ -224,8 +224,9 @@ def flow_match_sigmas(steps: int, shift: float = 1.0, *, base: torch.Tensor | No
 def flow_unipc(shift: float = 1.0, order: int = 2, **options):
     """diffusers' UniPC multistep solver in its flow-matching form (Wan's default sampler) for sample_scheduler.
 
-    use_flow_sigmas with prediction_type "flow_prediction" makes it integrate the same v = noise - x0 over the
-    grid flow_match_sigmas would give with shift; it works for any velocity model, minisora's VideoDiT included.
+    use_flow_sigmas with prediction_type "flow_prediction" makes it integrate the same v = noise - x0, on the
+    grid shift_t(linspace(1, 1/1000, steps + 1)[:-1], shift) then 0; it works for any velocity model, minisora's
+    VideoDiT included. Sigmas handed to sample_scheduler are shifted by `shift` again: pass unshifted ones.
     """
     from minisora.models.diffusers_vae import require_diffusers
 
@@ -239,7 +240,8 @@ def sample_scheduler(model: Callable, x: torch.Tensor, scheduler, steps: int, *,
                      mu: float | None = None, callback: Callable | None = None, **cond) -> torch.Tensor:
     """Integrate dx/dt = model(x, t) with a diffusers flow-matching scheduler's own update rule (UniPC, Euler, ...).
 
-    The scheduler sets the grid (set_timesteps(steps, sigmas=, mu=)) and does every step; the model sees
+    The scheduler sets the grid (set_timesteps(steps), or from `sigmas` (steps,) without the final 0, and `mu`
+    for a dynamic shift, as LTXPipeline passes them) and does every step; the model sees
     t = timestep / num_train_timesteps, the value a diffusers pipeline gives its transformer (UniPC rounds
     its timesteps to integers while stepping with exact sigmas, as Wan's pipeline does). `scheduler` is
     reset here, so one object can serve many calls, but not two at once.
