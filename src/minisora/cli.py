@@ -149,10 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
-              "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "lora": "minisora.bench.lora",
-              "buckets": "minisora.bench.buckets", "hours": "minisora.bench.hours",
-              "pretrained": "minisora.bench.pretrained",
-              "all": "minisora.bench.all"}  # fmt: skip
+              "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "all": "minisora.bench.all"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -226,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_lora_args(p)
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget table")
+    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget "
+                       "table; --hours: GPU-hours of a recipe")
     from minisora.plan_report import add_plan_args
 
     add_plan_args(p)
@@ -238,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: data, train, sample, all")
-    p.add_argument("what", help="which benchmark: data, train, sample, or all")
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (experiments that train models: experiments/)")
+    p.add_argument("what", help=f"which benchmark: {', '.join(BENCHMARKS)}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser
