@@ -44,7 +44,8 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     others = [c for c in COLORS if c != args.holdout]
     out = Path(args.out)
     return [
-        *common(out), "name=base", f"data.path={out / 'data-base' / 'manifest.csv'}", f"shapes.colors=[{','.join(others)}]",
+        *common(out), "name=base", f"data.path={out / 'data-base' / 'manifest.csv'}",
+        f"shapes.colors=[{','.join(others)}]",
         f"shapes.num={args.base_clips}", f"trainer.max_steps={args.base_steps}", "sample.every_n_steps=0",
         "sample.shapes_eval=false", *([f"vae_weights={args.vae}"] if args.vae else []), *args.base_args,
     ]  # fmt: skip
@@ -53,7 +54,8 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def lora_overrides(args: argparse.Namespace, base: Path, data: Path) -> list[str]:
     """configs/finetune/lora.yaml plus these: the LoRA run on the held-out colour's clips."""
     return [*common(Path(args.out)), "name=lora", f"init_from={base}", f"data.path={data}",
-            f"trainer.max_steps={args.lora_steps}", "sample.shapes_eval=false", *LORA_DEFAULTS, *args.lora_args]  # fmt: skip
+            f"trainer.max_steps={args.lora_steps}", "sample.shapes_eval=false", *LORA_DEFAULTS,
+            *args.lora_args]  # fmt: skip
 
 
 def score(pipe, prompts: list[str], seeds: int, steps: int) -> dict[str, float]:
@@ -105,7 +107,8 @@ def format_results(r: dict) -> str:
     rows = [f"{'model':<24} {h + ' colour':>14} {h + ' direction':>17} {'others colour':>14} {'others direction':>17}"]
     for name, label in (("base", "base (never saw " + h + ")"), ("lora", "base + LoRA on " + h)):
         m, o = r[name][h], r[name]["other colours"]
-        rows.append(f"{label:<24} {m['color']:>14.2f} {m['direction']:>17.2f} {o['color']:>14.2f} {o['direction']:>17.2f}")
+        rows.append(f"{label:<24} {m['color']:>14.2f} {m['direction']:>17.2f} {o['color']:>14.2f} "
+                    f"{o['direction']:>17.2f}")
     rows.append(f"({r['base'][h]['samples']} {h} and {r['base']['other colours']['samples']} other samples per model; "
                 f"base run {r['seconds']['base']} s, LoRA run {r['seconds']['lora']} s)")  # fmt: skip
     return "\n".join(rows)

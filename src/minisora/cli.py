@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (experiments that train models: experiments/)")
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (runs that train models: experiments/)")
     p.add_argument("what", help=f"which benchmark: {', '.join(BENCHMARKS)}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)

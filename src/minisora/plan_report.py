@@ -212,7 +212,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    """The plan command: print the plan (or the token table, or the hours) as text or JSON; bad input raises ValueError."""
+    """The plan command: the plan, the token table or the hours, as text or JSON; bad input raises ValueError."""
     if args.tokens and args.hours:
         raise ValueError("give one of --tokens and --hours")
     hours_only = {"--config": args.config, "key=value": args.overrides, "--videos": args.videos,

@@ -265,7 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure_variant(args: argparse.Namespace, name: str, clip: tuple, latent: tuple, variant: str, change: dict) -> dict:
+def measure_variant(args: argparse.Namespace, name: str, clip: tuple, latent: tuple, variant: str,
+                    change: dict) -> dict:  # fmt: skip
     """One row: a preset at a clip size with one switch changed, timed and counted."""
     base_args = preset(name, args.configs)
     model_args = {**base_args, "layout": change.get("layout", base_args.get("layout", "full"))}

@@ -282,7 +282,7 @@ def _score_real(args: argparse.Namespace, real: dict, order: list, n: int, i3d, 
 
 
 def _score_generated(args: argparse.Namespace, batches, n: int, i3d, clip, fps: float) -> tuple[list, list]:
-    """I3D features and CLIP scores of the generated clips (sampled now or read from --fake); --save-fake writes them."""
+    """I3D features and CLIP scores of the generated clips (sampled, or read from --fake); --save-fake keeps them."""
     from tqdm.auto import tqdm
 
     from minisora.eval.fvd import to_i3d_input
