@@ -1,7 +1,7 @@
 """Can one model learn four clip sizes at once? Shapes at two aspect ratios and two lengths, scored per bucket.
 
-    python experiments/buckets_four_sizes.py --json bench/buckets-cpu.json    # ~38 min on a 2-core CPU
-    python experiments/buckets_four_sizes.py --train-steps 1000 --json out.json
+    .venv/bin/python experiments/buckets_four_sizes.py --json bench/buckets-cpu.json    # ~38 min on a 2-core CPU
+    .venv/bin/python experiments/buckets_four_sizes.py --train-steps 1000 --json out.json
 
 1. Shapes clips are generated at four sizes (VARIANTS: 17 and 9 frames, 32x32 and 24x40), a quarter each.
 2. The default pipeline (configs/shapes.yaml: VAE, latent cache, DiT) trains on them with the bucket set

@@ -1,8 +1,8 @@
 """Can LoRA teach a model a colour it has never seen? A base without magenta, a LoRA on magenta clips only.
 
-    python experiments/lora_heldout_colour.py --json bench/lora-cpu.json      # ~12 min on a 2-core CPU
-    python experiments/lora_heldout_colour.py --vae runs/shapes/vae/vae.safetensors --base-steps 1500
-    python experiments/lora_heldout_colour.py --base runs/bench-lora/runs/base --lora-args dit_train.lr=5e-3
+    .venv/bin/python experiments/lora_heldout_colour.py --json bench/lora-cpu.json      # ~12 min on a 2-core CPU
+    .venv/bin/python experiments/lora_heldout_colour.py --vae runs/shapes/vae/vae.safetensors --base-steps 1500
+    .venv/bin/python experiments/lora_heldout_colour.py --base runs/bench-lora/runs/base --lora-args dit_train.lr=5e-3
 
 1. A base run (configs/shapes.yaml) trains on shapes clips of every colour but `--holdout` (magenta): the
    DiT never sees the word or the colour. Unless --vae is given, its autoencoder is trained on the same

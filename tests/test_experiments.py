@@ -37,7 +37,7 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def test_lora_experiment_trains_an_adapter_that_changes_the_held_out_colour(tiny_base, tmp_path, monkeypatch, capsys):
-    """The full experiment (`python experiments/lora_heldout_colour.py`, 2-core CPU, ~12 min) measured, on a
+    """The full experiment (`.venv/bin/python experiments/lora_heldout_colour.py`, 2-core CPU, ~12 min) measured, on a
     2000-step base that never saw magenta, magenta colour accuracy 0.00 -> 0.88 after a 600-step LoRA on 96
     magenta clips, with the other colours 1.00 -> 0.81 (docs/finetuning.md). Here the tiny shared base (which
     did see magenta: the mechanics only) gets a 4-step LoRA and is scored on 14 of the 84 prompts; the adapter
@@ -83,7 +83,7 @@ def test_lora_experiment_base_never_sees_the_held_out_colour(tmp_path):
 
 
 def test_buckets_experiment_puts_each_size_in_its_own_bucket(tmp_path):
-    """The full experiment (`python experiments/buckets_four_sizes.py`, 38 min) trained one model on the four
+    """The full experiment (`.venv/bin/python experiments/buckets_four_sizes.py`, 38 min) trained one model on the four
     sizes and scored colour 1.00 in every bucket, direction 0.82-1.00 (docs/data.md). Here: its data and
     bucket set, without training: 2 clips of each size, each in the bucket of its own size."""
     from minisora.data.stats import data_stats

@@ -157,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     module = BENCHMARKS.get(args.what)
     if module is None:
-        print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)} (runs that train models are "
+              "scripts in experiments/)", file=sys.stderr)  # fmt: skip
         return 2
     sys.argv = [module, *args.rest]
     runpy.run_module(module, run_name="__main__")
