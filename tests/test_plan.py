@@ -1,5 +1,5 @@
 """The memory planner: arithmetic by hand, the count of saved activations against autograd, switches,
-calibration against the measured CPU figures, size rounding, the CLI, and the token table."""
+calibration against the measured CPU figures, size rounding, the CLI, the token table and a recipe's GPU-hours."""
 
 import json
 
@@ -201,6 +201,10 @@ def test_cli_names_the_fitting_switches(capsys):
     (["--budget-gb", "0"], "--budget-gb must be positive, got 0.0"),
     (["--tokens", "--fps", "0"], "--fps must be positive, got 0.0"),
     (["--vae", "missing.yaml"], "--vae missing.yaml: file not found"),
+    (["--config", "configs/shapes.yaml"], "--config go with --hours"),
+    (["trainer.max_steps=10"], "key=value go with --hours"),
+    (["--hours", "--tokens"], "give one of --tokens and --hours"),
+    (["--hours", "--videos", "0"], "--videos must be positive, got 0"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["plan", *argv]) == 2
@@ -309,3 +313,37 @@ def test_issue_figure_lora_b_with_checkpointing_and_bf16_fits_12_gib_at_16x256x2
     res = P.plan("B", 16, 256, 256, budget_gb=12, lora_rank=16)
     row = next(r for r in res["training"]["rows"] if r["switches"] == {"bf16": True, "adamw8bit": True, "checkpointing": True})
     assert row["fits"] and row["on_device"] < 3 * P.GIB
+
+
+def test_recipe_hours_add_up_and_follow_the_recipe():
+    from minisora.bench.flops import dit_train_step_flops, gpu_hours, gpu_peak_flops, recipe_flops
+    from minisora.checkpoint import dit_args
+    from minisora.config import load_config, to_plain
+
+    cfg = load_config(P.CONFIGS / "shapes.yaml", ["trainer.max_steps=10", "vae_trainer.max_steps=5"])
+    stages, per_clip = recipe_flops(cfg, videos=100, eval_samples=8)
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"))
+    dit = VideoDiT(**dit_args(to_plain(cfg), cfg.vae.latent_channels, None))
+    step = dit_train_step_flops(dit, 5, 8, 8, batch=cfg.latents.batch_size, include_recompute=False)
+    assert stages["DiT training"] == 10 * step  # 17x32x32 clips -> 5x8x8 latents
+    assert stages["latent cache"] == pytest.approx(100 * per_clip["vae_encode"] * 1e9)
+    clip_gflop = per_clip["vae_encode"] + per_clip["vae_decode"]
+    assert stages["VAE training"] == pytest.approx(cfg.data.batch_size * 5 * 3 * clip_gflop * 1e9)
+    gpu = "NVIDIA GeForce RTX 4090"
+    assert gpu_hours(3.6e15, gpu, 0.5) == pytest.approx(3.6e15 / (gpu_peak_flops(gpu) * 0.5) / 3600)
+    with pytest.raises(ValueError, match="no bf16 peak known"):
+        gpu_hours(1e15, "NVIDIA GeForce GTX 970", 0.35)
+
+
+def test_hours_command_prints_the_table_and_json(capsys):
+    shapes = str(P.CONFIGS / "shapes.yaml")
+    assert main(["plan", "--hours", "--config", shapes, "trainer.max_steps=10", "--videos", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "| total |" in text and "| RTX 4090 h at MFU 20% / 35% / 50% | RTX 3090 h at 35% |" in text
+    assert "not measured" in text
+    assert main(["plan", "--hours", "--config", shapes, "trainer.max_steps=10", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    total = res["stages"]["total"]
+    assert res["mfu_assumed"] == [0.2, 0.35, 0.5] and len(total["hours"]["NVIDIA GeForce RTX 4090"]) == 3
+    h20, h35, h50 = total["hours"]["NVIDIA GeForce RTX 4090"]
+    assert h20 == pytest.approx(h35 * 35 / 20) and h50 == pytest.approx(h35 * 35 / 50)  # hours scale as 1 / MFU

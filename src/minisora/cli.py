@@ -149,10 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
-              "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "lora": "minisora.bench.lora",
-              "buckets": "minisora.bench.buckets", "hours": "minisora.bench.hours",
-              "pretrained": "minisora.bench.pretrained",
-              "all": "minisora.bench.all"}  # fmt: skip
+              "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "all": "minisora.bench.all"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -160,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     module = BENCHMARKS.get(args.what)
     if module is None:
-        print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(f"unknown benchmark {args.what!r}; choose from: {', '.join(BENCHMARKS)} (runs that train models are "
+              "scripts in experiments/)", file=sys.stderr)  # fmt: skip
         return 2
     sys.argv = [module, *args.rest]
     runpy.run_module(module, run_name="__main__")
@@ -226,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_lora_args(p)
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget table")
+    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget "
+                       "table; --hours: GPU-hours of a recipe")
     from minisora.plan_report import add_plan_args
 
     add_plan_args(p)
@@ -238,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: data, train, sample, all")
-    p.add_argument("what", help="which benchmark: data, train, sample, or all")
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (runs that train models: experiments/)")
+    p.add_argument("what", help=f"which benchmark: {', '.join(BENCHMARKS)}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser

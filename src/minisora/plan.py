@@ -1,49 +1,10 @@
 """Memory planner: the peak memory of one DiT training step and of sampling one video, from the architecture.
 
     minisora plan --preset B --frames 48 --height 480 --width 854 [--batch 1] [--budget-gb 24] [--json]
-    minisora plan --tokens [--seconds 2 5 10 --fps 24 --height 480 --width 854]
 
-(The command's output and the token budget table are in minisora.plan_report.)
-
-Everything is counted in bytes of live tensors (what CUDA's max_memory_allocated reports), then the GPU
-budget check adds a CUDA context and allocator slack (assumed, see GPU_CONTEXT_GIB; not yet measured here).
-
-Training (the DiT reads the latent cache: no VAE or text encoder on the device) holds fp32 weights, an fp32
-EMA copy (LitVideoDiT), optimizer state (AdamW 8 B/param, AdamW8bit 2.05 B/param measured), gradients and
-what autograd saved. SAVED_PER_BLOCK lists what one DiTBlock saves per token, read off dit.py and checked
-against torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py): 34 D-wide fp32 tensors (136 B x D per
-token) in fp32, 90 B x D under bf16 autocast (norms, QK-norm and RoPE stay fp32, so bf16 saves 34%, not
-50%), plus 20 B per head (norm and softmax statistics) and 24 B (LayerNorm statistics). Attention runs
-through SDPA, which on a GPU is flash / memory-efficient: no N x N tensor, so memory is linear in tokens.
-torch 2.14's CPU SDPA is a flash kernel too (linear up to 6360 tokens in bench/sample-memory-B-cpu.json);
-a math-backend fallback (old torch, unusual dtypes) would add heads x N^2 scores per block, not modelled.
-The peak is found by walking the backward pass block by block: activations are freed as gradients appear.
-
-Calibration: no constant is fitted for training. Peaks in MiB, AdamW8bit, no EMA (as in bench train):
-
-| run | live: measured, predicted | README (RSS): measured, predicted x GLIBC_RSS_FACTOR |
-|---|---|---|
-| S fp32, 1280 tokens, checkpointing off | 943, 950 (+1%) | 1784, 1787 (0%) |
-| S fp32, 1280 tokens, checkpointing on | 388, 397 (+2%) | 801, 746 (-7%) |
-| B fp32, 1280 tokens, checkpointing off | 2180, 2203 (+1%) | 3995, 4142 (+4%) |
-| B fp32, 1280 tokens, checkpointing on | 1245, 1270 (+2%) | 2292, 2388 (+4%) |
-| S bf16 autocast, 1280 tokens, off / on | 803 / 385, 786 / 376 (-2% / -2%) | |
-| S fp32 AdamW, 1280 tokens, off / on | 1131 / 576, 1138 / 585 (+1% / +2%) | |
-| S fp32, 4608 tokens, off | 2847, 2898 (+2%) | |
-
-"Live" is the peak RSS growth of a fresh process running bench train's step (3 steps after a priming
-step) with MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave RSS (tests/test_plan.py, slow:
-test_live_training_peak). The README figures were taken with glibc's default malloc, which keeps freed
-memory: 1.80-2.02x the predicted live bytes; GLIBC_RSS_FACTOR (1.88, their geometric mean) reproduces them
-within 7%, and `--device cpu` applies it. (The RSS of the same S step varied between runs, 1364 and 1784 MiB
-with checkpointing off; the live peak does not.)
-
-Sampling holds the DiT weights (bf16 or fp32), one forward's working set (no gradients: one block at a time,
-whose peak is the RoPE step of self-attention, INFER_PER_TOKEN), the sampler's latents, the text encoder
-(fp32) and the VAE (fp32) unless offloaded, and the VAE decode: one tile/chunk's working set when tiled
-(VAE_DECODE_TENSORS top-level activations, calibrated) or the whole video's, plus the fp32 output. Against
-bench/sample-memory-B-cpu.json (B, 121x480x848, bf16, 49,290 tokens): DiT forward 38 B x D per token and
-sample (measured 38.6: -1.5%), peak with offload 3041 vs 3016 MB (+0.8%), without 3592 vs 3568 MB (+0.7%).
+Bytes of live tensors (what CUDA's max_memory_allocated reports), counted component by component; the GPU
+check adds an assumed CUDA context and allocator slack. What is counted, and the calibration against
+measured CPU peaks: docs/benchmarks.md, "Memory planner". The command's output is minisora.plan_report.
 """
 
 from __future__ import annotations
@@ -54,16 +15,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minisora.bench.report import CONFIGS, model_preset
 from minisora.pipeline import DECODE_PIXELS  # output pixels per VAE decode call: the sampler's own constant
 
 GIB = 2**30
 MIB = 2**20
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ADAMW8BIT_BYTES = 2.05  # optimizer state bytes per parameter, measured (README "Models": bench train)
+ADAMW8BIT_BYTES = 2.05  # optimizer state bytes per parameter, measured (docs/benchmarks.md: bench train)
 ADAMW_BYTES = 8.0  # two fp32 moments
 # Assumed until measured on a GPU: the CUDA context (outside PyTorch's allocator) and caching-allocator slack.
 GPU_CONTEXT_GIB, GPU_SLACK = 0.5, 0.10
-GLIBC_RSS_FACTOR = 1.88  # CPU peak RSS / live bytes with glibc's default malloc (calibration in the docstring)
+GLIBC_RSS_FACTOR = 1.88  # CPU peak RSS / live bytes with glibc's default malloc (docs/benchmarks.md)
 # Top-level decoder activations (base_channels x multiplier[0] channels at H/patch x W/patch) live at the
 # decoder's peak: a ResBlock's input, norm temporaries, SiLU, the causally padded copy and the conv output,
 # plus CPU conv3d workspace. Calibrated: 450 MB for one 17x256x256 tile of vae/standard.yaml
@@ -109,10 +70,10 @@ INFER_PER_TOKEN = (
 )
 
 # Ordinal cost of each memory switch (0 = free or faster), used to pick the cheapest fitting set.
-# bf16: faster on Ampere+; AdamW8bit: ~free on a GPU (4.6-6x slower optimizer step on CPU, README);
-# checkpointing: one more forward per step (+28% CPU time for B, README); offload: two weight transfers per
-# call; VAE tiling: +66% decode time (README VAE table), a small part of a sample; two-call CFG: +3% per
-# step at 1280 tokens, up to +50% at 80 (README sampling table).
+# bf16: faster on Ampere+; AdamW8bit: ~free on a GPU (4.6-6x slower optimizer step on CPU); checkpointing:
+# one more forward per step (+28% CPU time for B); offload: two weight transfers per call; VAE tiling: +66%
+# decode time, a small part of a sample; two-call CFG: +3% per step at 1280 tokens, up to +50% at 80
+# (docs/benchmarks.md: training, autoencoder and sampling tables).
 TRAIN_SWITCHES = {"bf16": 0, "adamw8bit": 1, "checkpointing": 3}
 SAMPLE_SWITCHES = {"bf16": 0, "offload": 1, "vae_tiling": 1, "cfg_two_calls": 2}
 
@@ -276,10 +237,7 @@ def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77
     from minisora.models.dit import VideoDiT
 
     configs = Path(configs)
-    path = configs / "model" / f"{preset}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(known) or 'none in ' + str(path.parent)}")
+    model_args = model_preset(preset, configs)
     vae_path = Path(vae) if vae is not None else configs / "vae" / "standard.yaml"
     if not vae_path.is_file():
         raise ValueError(f"--vae {vae_path}: file not found (give a config with a vae: section, e.g. "
@@ -290,8 +248,7 @@ def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77
     vae_args = kwargs(load_config(vae_path).vae)
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         vae_model = VideoVAE(**vae_args)
-        args = {**kwargs(load_config(path).model), "in_channels": vae_model.latent_channels, "text_dim": text_dim,
-                "condition": "text"}  # fmt: skip
+        args = {**model_args, "in_channels": vae_model.latent_channels, "text_dim": text_dim, "condition": "text"}
         model = VideoDiT(**args)
 
     def linear(m: nn.Module, weights_only: bool = False) -> int:

@@ -1,6 +1,6 @@
-"""What `minisora plan` prints: the memory plan as tables, the token budget table, and the command's arguments.
+"""What `minisora plan` prints: the memory plan, the token budget table (--tokens), a recipe's GPU-hours (--hours).
 
-The memory model itself (what is counted and how it was calibrated) is minisora.plan.
+The memory model itself is minisora.plan; its calibration is in docs/benchmarks.md ("Memory planner").
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from minisora.plan import GIB, GLIBC_RSS_FACTOR, GPU_CONTEXT_GIB, GPU_SLACK, check_positive, plan, round_clip
+from minisora.plan import CONFIGS, GIB, GLIBC_RSS_FACTOR, GPU_CONTEXT_GIB, GPU_SLACK, check_positive, plan, round_clip
 
 SWITCH_NAMES = {  # switch: (name when on, name when off)
     "bf16": ("bf16", "fp32"),
@@ -90,7 +90,7 @@ def format_plan(res: dict) -> str:
         (f"device cuda, budget {res['budget_gb']:g} GiB: live tensors + {GPU_SLACK:.0%} allocator slack + "
          f"{GPU_CONTEXT_GIB} GiB CUDA context (both assumed, not yet measured)") if res["device"] == "cuda" else
         (f"device cpu, budget {res['budget_gb']:g} GiB: live tensors x {GLIBC_RSS_FACTOR} (peak RSS with glibc's "
-         "default malloc, calibrated on the README's CPU training figures)"),
+         "default malloc, calibrated on the CPU training figures in docs/benchmarks.md)"),
         "attention: SDPA is flash / memory-efficient on a GPU (and torch 2.14's CPU flash kernel): no N x N scores, "
         "memory grows linearly with tokens; a math-backend fallback would add heads x N^2 per block",
         "",
@@ -157,6 +157,35 @@ def format_token_table(rows: list[dict], fps: float) -> str:
     return "\n".join(lines)
 
 
+# ---- GPU-hours of a recipe ----------------------------------------------------------------------
+HOURS_GPUS = ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090")
+HOURS_MFUS = (0.2, 0.35, 0.5)  # ASSUMED until `make bench` measures MFU on a GPU
+
+
+def hours_table(cfg, videos: int, eval_samples: int) -> dict:
+    """EFLOP and hours per stage of the config's recipe at each assumed MFU (computed, not measured)."""
+    from minisora.bench.flops import gpu_hours, recipe_flops
+
+    stages, per_clip = recipe_flops(cfg, videos, eval_samples)
+    first, second = HOURS_GPUS
+    table = {name: {"eflop": f / 1e18, "hours": {first: [gpu_hours(f, first, m) for m in HOURS_MFUS],
+                                                 second: [gpu_hours(f, second, 0.35)]}}
+             for name, f in stages.items()}  # fmt: skip
+    return {"per_clip_gflop": per_clip, "stages": table, "mfu_assumed": list(HOURS_MFUS)}
+
+
+def format_hours(res: dict) -> str:
+    first, second = (g.removeprefix("NVIDIA GeForce ") for g in HOURS_GPUS)
+    mfus = " / ".join(f"{m:.0%}" for m in HOURS_MFUS)
+    lines = ["per clip: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} GFLOP" for k, v in res["per_clip_gflop"].items()),
+             f"| stage | EFLOP | {first} h at MFU {mfus} | {second} h at 35% |", "|---|---|---|---|"]  # fmt: skip
+    for name, row in res["stages"].items():
+        h1, (h2,) = row["hours"].values()
+        lines.append(f"| {name} | {row['eflop']:.3f} | {' / '.join(f'{x:.1f}' for x in h1)} | {h2:.1f} |")
+    lines.append("computed from FLOPs with an assumed MFU, not measured")
+    return "\n".join(lines)
+
+
 # ---- command line ------------------------------------------------------------------------------
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="B", help="DiT preset (configs/model/<preset>.yaml)")
@@ -175,10 +204,33 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", action="store_true", help="print the token budget table instead (markdown)")
     p.add_argument("--seconds", type=float, nargs="+", default=[2, 5, 10], help="durations for --tokens")
     p.add_argument("--fps", type=float, default=24, help="frame rate for --tokens")
+    p.add_argument("--hours", action="store_true", help="print the GPU-hours of a recipe's stages instead (FLOPs)")
+    p.add_argument("--config", help="--hours: the recipe (default: configs/experiments/ucf101.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="--hours: overrides of --config")
+    p.add_argument("--videos", type=int, help="--hours: videos in the dataset (default: UCF-101's 13,320)")
+    p.add_argument("--eval-samples", type=int, help="--hours: clips sampled for FVD (default 2048)")
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    """The plan command: print the plan (or the token table) as text or JSON; bad input raises ValueError."""
+    """The plan command: the plan, the token table or the hours, as text or JSON; bad input raises ValueError."""
+    if args.tokens and args.hours:
+        raise ValueError("give one of --tokens and --hours")
+    hours_only = {"--config": args.config, "key=value": args.overrides, "--videos": args.videos,
+                  "--eval-samples": args.eval_samples}  # fmt: skip
+    if args.hours:
+        from minisora.config import load_config
+
+        videos = 13320 if args.videos is None else args.videos
+        samples = 2048 if args.eval_samples is None else args.eval_samples
+        check_positive("--videos", videos)
+        check_positive("--eval-samples", samples)
+        cfg = load_config(args.config or CONFIGS / "experiments" / "ucf101.yaml", args.overrides)
+        res = hours_table(cfg, videos, samples)
+        print(json.dumps(res, indent=1) if args.json else format_hours(res))
+        return
+    given = [k for k, v in hours_only.items() if v not in (None, [])]
+    if given:
+        raise ValueError(f"{', '.join(given)} go with --hours (the GPU-hours of a recipe)")
     if args.tokens:
         for name, value in [("--fps", args.fps), ("--height", args.height), ("--width", args.width)] + [
             ("--seconds", s) for s in args.seconds

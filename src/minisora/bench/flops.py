@@ -156,3 +156,56 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak: float | None) -> f
     if peak <= 0:
         raise ValueError(f"peak must be > 0 FLOP/s or None, got {peak}")
     return flops_per_step / seconds_per_step / peak
+
+
+# ---- a whole recipe: `minisora plan --hours` ----------------------------------------------------
+def _forward_flops(fn) -> int:
+    """Matmul and convolution FLOPs of fn() as torch's FlopCounterMode counts them, without gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def recipe_flops(cfg, videos: int, eval_samples: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(FLOPs per stage, GFLOPs per clip) of a config's recipe: VAE training, latent cache, DiT training, eval.
+
+    The DiT from the counters above; the VAE and its discriminator from FlopCounterMode on a real forward of
+    one clip. Training = 3 x forward, plus one more forward of the DiT blocks under gradient checkpointing.
+    """
+    from minisora.checkpoint import dit_args
+    from minisora.config import kwargs, to_plain
+    from minisora.models.autoencoder import VideoVAE
+    from minisora.training.lit_autoencoder import PatchDiscriminator
+
+    vae = VideoVAE(**kwargs(cfg.vae))
+    dit = VideoDiT(**dit_args(to_plain(cfg), vae.latent_channels, None))
+    x = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.height, cfg.data.width)  # one clip (1, 3, T, H, W)
+    enc = _forward_flops(lambda: vae.encode(x, tiled=False))
+    dec = _forward_flops(lambda: vae.decode(vae.encode(x, tiled=False), tiled=False)) - enc
+    gan = _forward_flops(lambda: PatchDiscriminator()(x))
+    grid = vae.latent_shape(*x.shape[2:])[1:]  # latent (t, h, w)
+    fwd = dit_forward_flops(dit, *grid)["total"]
+    recompute = cfg.model.grad_checkpointing
+    step = dit_train_step_flops(dit, *grid, batch=cfg.latents.batch_size, include_recompute=recompute)
+    vb, vs = cfg.data.batch_size, cfg.vae_trainer.max_steps
+    gan_steps = max(0, vs - cfg.vae_train.disc_start) if cfg.vae_train.disc_start >= 0 else 0
+    stages = {
+        # generator 3x(encode + decode); discriminator on fake for G, and on real + fake for D: 3 x 3 forwards
+        "VAE training": vb * (vs * 3 * (enc + dec) + gan_steps * 9 * gan),
+        "latent cache": videos * cfg.latents.clips_per_video * enc,
+        "DiT training": cfg.trainer.max_steps * step,
+        f"eval, {eval_samples} samples": eval_samples * (cfg.sample.steps * 2 * fwd + dec),  # guidance: 2 per step
+    }
+    stages["total"] = sum(stages.values())
+    per_clip = {"vae_encode": enc / 1e9, "vae_decode": dec / 1e9, "discriminator": gan / 1e9, "dit_forward": fwd / 1e9}
+    return stages, per_clip
+
+
+def gpu_hours(flops: float, gpu: str, mfu: float) -> float:
+    """Hours = FLOPs / (peak x MFU) on a GPU named as in the peak table (e.g. "NVIDIA GeForce RTX 4090")."""
+    peak = gpu_peak_flops(gpu)
+    if peak is None:
+        raise ValueError(f"no bf16 peak known for GPU {gpu!r}")
+    return flops / (peak * mfu) / 3600

@@ -1,9 +1,22 @@
-"""Shared by the benchmarks: writing results as JSON, and reading this process's memory (Linux /proc)."""
+"""Shared by the benchmarks and the planner: model presets, results as JSON, this process's memory (Linux /proc)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def model_preset(name: str, configs: str | Path = CONFIGS) -> dict:
+    """VideoDiT's arguments from configs/model/<name>.yaml (the presets experiments use)."""
+    from minisora.config import kwargs, load_config
+
+    path = Path(configs) / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(known) or 'none in ' + str(path.parent)}")
+    return kwargs(load_config(path).model)
 
 
 def parse_size(text: str) -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """Sampling speed and memory: seconds per step and per video for DiT presets, and the peak memory of a long sample.
 
-    python -m minisora.bench.sample [--presets tiny S] [--sizes 17x32x32 17x256x256] [--steps 25] [--json OUT]
-    python -m minisora.bench.sample --memory [--preset B --frames 121 --height 480 --width 848]
+    minisora bench sample [--presets tiny S] [--sizes 17x32x32 17x256x256] [--steps 25] [--json OUT]
+    minisora bench sample --memory [--preset B --frames 121 --height 480 --width 848]
 
 Speed: every (preset, size) pairs the DiT preset (configs/model/<preset>.yaml) with the autoencoder and text
 encoder of the config that trains at that size: configs/shapes.yaml up to 64 px, else
@@ -28,30 +28,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from minisora.bench.report import parse_size, reset_peak_rss, rss_mb, write_json
-from omegaconf import OmegaConf
-
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
-
-def section(path: Path, name: str) -> dict[str, Any]:
-    """A section of a config file, merged over the sections of its `base:` files (one level, as load_config does)."""
-    cfg = OmegaConf.load(path)
-    merged = OmegaConf.create()
-    for base in cfg.get("base", []) or []:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path.parent / base))
-    merged = OmegaConf.merge(merged, cfg)
-    return OmegaConf.to_container(merged.get(name, {}), resolve=True)
+from minisora.bench.report import CONFIGS, model_preset, parse_size, reset_peak_rss, rss_mb, write_json
 
 
 def build(preset: str, size: tuple[int, int, int], dtype: torch.dtype = torch.float32):
     """A TextToVideoPipeline of random weights: the preset's DiT with the autoencoder and text encoder for `size`."""
+    from minisora.config import kwargs, load_config
     from minisora.models.autoencoder import VideoVAE
     from minisora.models.dit import VideoDiT
     from minisora.models.text import TextEncoder
@@ -59,12 +45,11 @@ def build(preset: str, size: tuple[int, int, int], dtype: torch.dtype = torch.fl
 
     T, H, W = size
     experiment = CONFIGS / "shapes.yaml" if max(H, W) <= 64 else CONFIGS / "experiments" / "t2v256.yaml"
-    vae = VideoVAE(**section(experiment, "vae"))
-    text = TextEncoder(**{**section(experiment, "text"), "pretrained": None})  # architecture only: no download
-    model_cfg = section(CONFIGS / "model" / f"{preset}.yaml", "model")
-    model = VideoDiT(**{**model_cfg, "in_channels": vae.latent_channels, "text_dim": text.dim}).to(dtype)
-    train = section(experiment, "dit_train")
-    pipe = TextToVideoPipeline(model, vae, text, prediction=train.get("prediction", "v"), t_shift=train.get("t_shift"),
+    cfg = load_config(experiment)
+    vae = VideoVAE(**kwargs(cfg.vae))
+    text = TextEncoder(**{**kwargs(cfg.text), "pretrained": None})  # architecture only: no download
+    model = VideoDiT(**{**model_preset(preset), "in_channels": vae.latent_channels, "text_dim": text.dim}).to(dtype)
+    pipe = TextToVideoPipeline(model, vae, text, prediction=cfg.dit_train.prediction, t_shift=cfg.dit_train.t_shift,
                                num_frames=T, height=H, width=W)  # fmt: skip
     return pipe, experiment.name
 
@@ -216,7 +201,7 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minisora.bench.sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="minisora bench sample", description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "S"])
     p.add_argument("--sizes", nargs="+", default=["17x32x32", "17x256x256"], help="TxHxW clips (T = 1 + 4k)")
     p.add_argument("--steps", type=int, default=25, help="steps per video for the per-video figure")

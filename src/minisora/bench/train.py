@@ -1,6 +1,6 @@
 """DiT training cost: step time, throughput, FLOPs/MFU and peak memory per preset, clip size and switch.
 
-    python -m minisora.bench.train [--presets S B] [--clips 17x256x256 ...] [--batch 1] [--reps 5]
+    minisora bench train [--presets S B] [--clips 17x256x256 ...] [--batch 1] [--reps 5]
         [--precision auto] [--optimizer adamw8bit] [--variants base grad_ckpt optimizer precision factorized
         compile] [--threads N] [--quick] [--json OUT]
 
@@ -38,8 +38,7 @@ import torch
 
 from minisora import diffusion
 from minisora.bench.flops import dit_train_step_flops, mfu, peak_flops
-from minisora.bench.report import parse_size, write_json
-from minisora.config import kwargs, load_config
+from minisora.bench.report import CONFIGS, model_preset, parse_size, write_json
 from minisora.models.dit import VideoDiT
 from minisora.training.lit_dit import build_optimizer
 
@@ -47,7 +46,6 @@ from minisora.training.lit_dit import build_optimizer
 LATENT_CHANNELS, TEMPORAL, SPATIAL = 16, 4, 8
 # CLIP ViT-L/14 text tower (t2v256): 77 tokens of width 768.
 CONTEXT_LENGTH, TEXT_DIM = 77, 768
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -59,15 +57,9 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, i
     return LATENT_CHANNELS, 1 + (frames - 1) // TEMPORAL, height // SPATIAL, width // SPATIAL
 
 
-def preset(name: str, configs: Path = CONFIGS) -> dict:
-    """Constructor arguments of VideoDiT from configs/model/<name>.yaml (the presets experiments use)."""
-    path = configs / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
-        raise FileNotFoundError(f"no model preset {path}; known presets: {', '.join(known) or 'none'}")
-    args = kwargs(load_config(path).model)
-    args.update(in_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, condition="text")
-    return args
+def preset(name: str, configs: str | Path = CONFIGS) -> dict:
+    """VideoDiT's arguments for configs/model/<name>.yaml on the latents and text context assumed here."""
+    return {**model_preset(name, configs), "in_channels": LATENT_CHANNELS, "text_dim": TEXT_DIM, "condition": "text"}
 
 
 def _trim() -> None:
@@ -228,8 +220,10 @@ def variants(precision: str, optimizer: str, names: list[str]) -> list[tuple[str
     return [(aliases.get(n, n), table[aliases.get(n, n)]) for n in names]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minisora.bench.train", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked; --quick applied; `device`, `precision`, `context_length`, `todo`, `clips` and
+    `latents` resolved."""
+    parser = argparse.ArgumentParser(prog="minisora bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["S", "B"], help="model presets (configs/model/*.yaml)")
     parser.add_argument("--clips", nargs="+", default=["17x256x256"], help="clip sizes FRAMESxHEIGHTxWIDTH")
     parser.add_argument("--batch", type=int, default=1)
@@ -255,68 +249,88 @@ def main(argv: list[str] | None = None) -> dict:
         args.variants = [v for v in args.variants if v != "compile"]  # inductor's first compile takes minutes on CPU
     if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 0:
         parser.error("need --reps >= 1, --warmup >= 0, --batch >= 1, --threads >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    context_length = 8 if args.quick else CONTEXT_LENGTH
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                               "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    args.context_length = 8 if args.quick else CONTEXT_LENGTH
     try:
-        todo = variants(precision, args.optimizer, args.variants)
-        clips = [parse_size(c) for c in args.clips]
-        latents = [latent_shape(*c) for c in clips]
+        args.todo = variants(args.precision, args.optimizer, args.variants)
+        args.clips = [parse_size(c) for c in args.clips]
+        args.latents = [latent_shape(*c) for c in args.clips]
+        for name in args.presets:
+            model_preset(name, args.configs)
     except ValueError as e:
         parser.error(str(e))
-    configs = Path(args.configs)
+    return args
 
+
+def measure_variant(args: argparse.Namespace, name: str, clip: tuple, latent: tuple, variant: str,
+                    change: dict) -> dict:  # fmt: skip
+    """One row: a preset at a clip size with one switch changed, timed and counted."""
+    base_args = preset(name, args.configs)
+    model_args = {**base_args, "layout": change.get("layout", base_args.get("layout", "full"))}
+    probe = VideoDiT(**model_args)
+    params, tokens = probe.num_parameters(), probe.tokens(*latent[1:])
+    # Model FLOPs: forward + backward = 3 x forward; checkpointing's recompute not counted (PaLM's MFU).
+    step_flops = dit_train_step_flops(probe, *latent[1:], batch=args.batch, context_len=args.context_length)
+    del probe
+    settings = {"grad_checkpointing": False, "precision": args.precision, "optimizer": args.optimizer,
+                "compile": False, **{k: v for k, v in change.items() if k != "layout"}}  # fmt: skip
+    r = measure_step(model_args, latent, args.batch, device=args.device, reps=args.reps, warmup=args.warmup,
+                     context_length=args.context_length, **settings)  # fmt: skip
+    peak = peak_flops(args.device)  # dense bf16 FLOP/s; None on CPU and unknown GPUs
+    r.update(
+        preset=name, variant=variant, clip=list(clip), params=params, tokens=tokens, layout=model_args["layout"],
+        precision=settings["precision"], optimizer=settings["optimizer"], compile=settings["compile"],
+        clips_per_s=args.batch / r["step_s"], tokens_per_s=args.batch * tokens / r["step_s"],
+        flops_per_step=step_flops, tflops_per_s=step_flops / r["step_s"] / 1e12,
+        mfu=mfu(step_flops, r["step_s"], peak if settings["precision"] == "bf16" else None),
+    )  # fmt: skip
+    print(f"{name} {'x'.join(map(str, clip))} {variant}: {r['step_s']:.3f} s/step, peak {r['peak_mem_mb']:.0f} MB",
+          flush=True)  # fmt: skip
+    return r
+
+
+def optimizer_states(name: str, configs: str) -> dict:
+    base_args = preset(name, configs)
+    return {"preset": name, "params": VideoDiT(**base_args).num_parameters(),
+            "adamw8bit_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw8bit"),
+            "adamw_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw")}  # fmt: skip
+
+
+def print_results(args: argparse.Namespace, results: dict) -> None:
+    print(f"\nbatch {args.batch}, text context {args.context_length}x{TEXT_DIM}, baseline {args.precision} "
+          f"{args.optimizer}, {args.device} ({torch.get_num_threads()} threads), median of {args.reps} steps after "
+          f"{args.warmup} warm-up")  # fmt: skip
+    print(table(results["runs"]))
+    print()
+    print(_table([[s["preset"], f"{s['adamw8bit_bytes_per_param']:.2f}", f"{s['adamw_bytes_per_param']:.2f}"]
+                  for s in results["optimizer_state"]],
+                 ["preset", "AdamW8bit state B/param", "AdamW state B/param"]))  # fmt: skip
+    load_before, load_after = results["loadavg_before"], results["loadavg_after"]
+    print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # One untimed step of the tiny preset first: library and allocator set-up would otherwise land in the
     # first setting's memory (measured: 71 MB for the first tiny run, 9 MB for the second).
-    measure_step(preset("tiny", configs), (LATENT_CHANNELS, 1, 2, 2), 1, grad_checkpointing=False, device=device,
-                 precision=precision, reps=1, warmup=0, context_length=4)  # fmt: skip
-    peak = peak_flops(device)  # dense bf16 FLOP/s; None on CPU and unknown GPUs
+    measure_step(preset("tiny", args.configs), (LATENT_CHANNELS, 1, 2, 2), 1, grad_checkpointing=False,
+                 device=args.device, precision=args.precision, reps=1, warmup=0, context_length=4)  # fmt: skip
     load_before = os.getloadavg()
-    runs, states = [], []
-    for name in args.presets:
-        base_args = preset(name, configs)
-        for clip, latent in zip(clips, latents):
-            for variant, change in todo:
-                model_args = {**base_args, "layout": change.get("layout", base_args.get("layout", "full"))}
-                probe = VideoDiT(**model_args)
-                params, tokens = probe.num_parameters(), probe.tokens(*latent[1:])
-                # Model FLOPs: forward + backward = 3 x forward; checkpointing's recompute not counted (PaLM's MFU).
-                step_flops = dit_train_step_flops(probe, *latent[1:], batch=args.batch, context_len=context_length)
-                del probe
-                settings = {"grad_checkpointing": False, "precision": precision, "optimizer": args.optimizer,
-                            "compile": False, **{k: v for k, v in change.items() if k != "layout"}}  # fmt: skip
-                r = measure_step(model_args, latent, args.batch, device=device, reps=args.reps, warmup=args.warmup,
-                                 context_length=context_length, **settings)  # fmt: skip
-                r.update(
-                    preset=name, variant=variant, clip=list(clip), params=params, tokens=tokens,
-                    layout=model_args["layout"], precision=settings["precision"], optimizer=settings["optimizer"],
-                    compile=settings["compile"], clips_per_s=args.batch / r["step_s"],
-                    tokens_per_s=args.batch * tokens / r["step_s"],
-                    flops_per_step=step_flops, tflops_per_s=step_flops / r["step_s"] / 1e12,
-                    mfu=mfu(step_flops, r["step_s"], peak if settings["precision"] == "bf16" else None),
-                )  # fmt: skip
-                runs.append(r)
-                print(f"{name} {'x'.join(map(str, clip))} {variant}: {r['step_s']:.3f} s/step, "
-                      f"peak {r['peak_mem_mb']:.0f} MB", flush=True)  # fmt: skip
-        states.append({
-            "preset": name,
-            "params": VideoDiT(**base_args).num_parameters(),
-            "adamw8bit_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw8bit"),
-            "adamw_bytes_per_param": optimizer_state_bytes_per_param(base_args, "adamw"),
-        })  # fmt: skip
-    load_after = os.getloadavg()
-
+    runs = [measure_variant(args, name, clip, latent, variant, change) for name in args.presets
+            for clip, latent in zip(args.clips, args.latents) for variant, change in args.todo]  # fmt: skip
+    states = [optimizer_states(name, args.configs) for name in args.presets]
+    device = args.device
     results = {
-        "clips": [list(c) for c in clips],
-        "latents": [list(lat) for lat in latents],
-        "context": [context_length, TEXT_DIM],
+        "clips": [list(c) for c in args.clips],
+        "latents": [list(lat) for lat in args.latents],
+        "context": [args.context_length, TEXT_DIM],
         "batch": args.batch,
-        "precision": precision,
+        "precision": args.precision,
         "optimizer": args.optimizer,
         "reps": args.reps,
         "warmup": args.warmup,
@@ -325,24 +339,14 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-        "peak_flops": peak,
+        "loadavg_after": list(os.getloadavg()),
+        "peak_flops": peak_flops(device),
         "flops": "model FLOPs per step: forward + backward = 3 x forward, matmuls only (multiply-add = 2), "
                  "no gradient-checkpointing recompute; MFU against the dense bf16 peak, bf16 runs only",
         "runs": runs,
         "optimizer_state": states,
     }
-    print(
-        f"\nbatch {args.batch}, text context {context_length}x{TEXT_DIM}, baseline {precision} {args.optimizer}, "
-        f"{device} ({torch.get_num_threads()} threads), median of {args.reps} steps after {args.warmup} warm-up"
-    )
-    print(table(runs))
-    print()
-    print(_table(
-        [[s["preset"], f"{s['adamw8bit_bytes_per_param']:.2f}", f"{s['adamw_bytes_per_param']:.2f}"] for s in states],
-        ["preset", "AdamW8bit state B/param", "AdamW state B/param"],
-    ))  # fmt: skip
-    print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
+    print_results(args, results)
     write_json(args.json, results)
     return results
 

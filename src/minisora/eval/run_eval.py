@@ -36,7 +36,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--fake", help="or: a folder (or manifest) of generated videos")
     p.add_argument("--real", help="real clips: manifest, caption folder or class folders (default: run's data.path)")
     p.add_argument("--real-format", default="auto", help="layout of --real: auto, manifest, captions, classes")
-    p.add_argument("--i3d", help="FVD: StyleGAN-V's i3d_torchscript.pt (see README: Evaluate)")
+    p.add_argument("--i3d", help="FVD: StyleGAN-V's i3d_torchscript.pt (see docs/evaluation.md)")
     p.add_argument("--clip-model", help="CLIP score: an open_clip model name, e.g. ViT-B-32")
     p.add_argument("--clip-pretrained", help="CLIP score: open_clip tag (e.g. laion2b_s34b_b79k) or a local checkpoint")
     p.add_argument("--clip-tag", help="CLIP score: the tag a local --clip-pretrained file is (its preprocessing)")
@@ -167,11 +167,9 @@ def _write_fake(folder: Path, start: int, videos: list, captions: list[str], fps
 
 def run_eval(args: argparse.Namespace) -> dict:
     """The eval command: check options, load detector / CLIP / model, stream real then generated clips, report."""
-    import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
-    from minisora.eval.fvd import I3DFeatures, fvd, to_i3d_input
+    from minisora.eval.fvd import I3DFeatures, fvd
     from minisora.sample import default_device, default_dtype
 
     num_real, num_fake = _validate(args)
@@ -191,85 +189,23 @@ def run_eval(args: argparse.Namespace) -> dict:
         from minisora.pipeline import TextToVideoPipeline
 
         pipe = TextToVideoPipeline.from_pretrained(args.ckpt, device=device, dtype=args.dtype or default_dtype(device))
-    data_cfg = pipe.config.get("data", {}) if pipe is not None else {}
-    real_path = args.real or data_cfg.get("path")
-    if real_path is None and (i3d is not None or pipe is not None):
-        raise EvalError("--real is needed: the real clips FVD compares with (and whose captions prompt the model)")
-    real_fmt = args.real_format if args.real else data_cfg.get("format", "auto")
-    real_stride = args.real_stride or data_cfg.get("frame_stride", 1)
-    real_fps = data_cfg.get("fps") if args.real_stride is None else None
-    if real_fps is not None:
-        real_stride = 1
-
-    order: list = []  # the real records in a seeded random order: the real clips and the prompts
-    read_real = real_path is not None and (i3d is not None or clip is not None)
-    if real_path is not None:
-        records = _records(real_path, real_fmt, f"--real {real_path}")
-        order = [records[i] for i in np.random.default_rng(args.seed).permutation(len(records))]
-        if read_real and len(order) < num_real:
-            raise EvalError(f"--real {real_path}: {len(order)} clips listed, {num_real} asked; lower --num or "
-                            f"--num-real (FVD at another N is not comparable)")  # fmt: skip
-
-    if pipe is not None:  # prompts checked before any clip is read
-        prompts, captions = _prompts(pipe, order, num_fake)
-    fakes: list = []  # --fake records, checked before any clip is read
-    if args.fake:
-        fakes = _records(args.fake, "auto", f"--fake {args.fake}")
-        if len(fakes) < num_fake:
-            raise EvalError(f"--fake {args.fake}: {len(fakes)} videos, {num_fake} asked; lower --num or --num-fake")
-        if clip is not None and not all(r.caption for r in fakes):
-            raise EvalError(f"--fake {args.fake}: CLIP score needs a caption per video: a .txt of the same name "
-                            f"next to each (as --save-fake writes) or a manifest with captions")  # fmt: skip
-        fakes = [fakes[i] for i in np.random.default_rng(args.seed).permutation(len(fakes))]
-
+    real = _real_source(args, pipe, needed=i3d is not None or pipe is not None)
+    read_real = real["path"] is not None and (i3d is not None or clip is not None)
+    order = _real_order(args, real, num_real if read_real else 0)
+    fake_skipped: set[str] = set()
+    # Every input is checked before any clip is read.
+    if pipe is not None:
+        batches = _sampled(pipe, *_prompts(pipe, order, num_fake), args)
+    else:
+        batches = _fake_clips(args, num_fake, clip, fake_skipped)
     result: dict = {"protocol": {
         "num_real": num_real if read_real else 0, "num_fake": num_fake, "frames": args.frames, "size": args.size,
-        "real": real_path, "real_stride": real_stride, "real_fps": real_fps, "seed": args.seed,
+        "real": real["path"], "real_stride": real["stride"], "real_fps": real["fps"], "seed": args.seed,
         "i3d": str(args.i3d) if args.i3d else None, "clip": clip.describe() if clip else None,
     }}  # fmt: skip
-    real_feats, real_clip, fake_feats, fake_clip = [], [], [], []
-    real_skipped: set[str] = set()
-    fake_skipped: set[str] = set()
-
-    # Real clips: FVD statistics, and the CLIP score of real clips with their captions as the reference.
-    if read_real:
-        bar = tqdm(total=num_real, desc="real clips", unit="clip", file=sys.stderr)
-        stream = _clip_stream(order, num_real, args.frames, args.size, real_stride, real_fps, args.batch_size,
-                              args.workers, f"--real {real_path}", real_skipped)  # fmt: skip
-        for videos, recs in stream:
-            if i3d is not None:
-                real_feats.append(i3d(to_i3d_input(videos, args.frames, args.size)))
-            if clip is not None and all(r.caption for r in recs):
-                real_clip.append(clip(videos, [r.caption for r in recs]))
-            bar.update(len(videos))
-        bar.close()
-
-    # Generated clips: sampled now, or read from --fake.
-    bar = tqdm(total=num_fake, desc="generated clips", unit="clip", file=sys.stderr)
-    save = Path(args.save_fake) if args.save_fake else None
-    if save is not None:
-        save.mkdir(parents=True, exist_ok=True)
-    if pipe is not None:
-        batches = _sampled(pipe, prompts, captions, args)
-    else:
-        stream = _clip_stream(fakes, num_fake, args.frames, args.size, args.fake_stride, None, args.batch_size,
-                              args.workers, f"--fake {args.fake}", fake_skipped)  # fmt: skip
-        batches = ((videos, [r.caption for r in recs]) for videos, recs in stream)
-    done = 0
-    for videos, captions in batches:
-        clips = to_i3d_input(videos, args.frames, args.size)  # (B, 3, T, S, S) uint8: what both metrics see
-        frames = [c.permute(1, 2, 3, 0).numpy() for c in clips]  # (T, S, S, 3) each
-        if i3d is not None:
-            fake_feats.append(i3d(clips))
-        if clip is not None:
-            fake_clip.append(clip(frames, captions))
-        if save is not None:
-            _write_fake(save, done, frames, captions, pipe.fps if pipe is not None else 8)
-        done += len(videos)
-        bar.update(len(videos))
-    bar.close()
-    result["protocol"].update(real_skipped=sorted(real_skipped), fake_skipped=sorted(fake_skipped))
-
+    real_feats, real_clip = _score_real(args, real, order, num_real, i3d, clip) if read_real else ([], [])
+    fake_feats, fake_clip = _score_generated(args, batches, num_fake, i3d, clip, pipe.fps if pipe is not None else 8)
+    result["protocol"].update(real_skipped=sorted(real["skipped"]), fake_skipped=sorted(fake_skipped))
     if i3d is not None:
         result["fvd"] = fvd(torch.cat(real_feats), torch.cat(fake_feats))
     if clip is not None:
@@ -282,6 +218,93 @@ def run_eval(args: argparse.Namespace) -> dict:
     print(_report(result))
     print(out)
     return result
+
+
+def _real_source(args: argparse.Namespace, pipe, needed: bool) -> dict:
+    """Where the real clips come from and how they are read: --real, or the run's own data settings."""
+    data_cfg = pipe.config.get("data", {}) if pipe is not None else {}
+    path = args.real or data_cfg.get("path")
+    if path is None and needed:
+        raise EvalError("--real is needed: the real clips FVD compares with (and whose captions prompt the model)")
+    fps = data_cfg.get("fps") if args.real_stride is None else None
+    stride = 1 if fps is not None else args.real_stride or data_cfg.get("frame_stride", 1)
+    fmt = args.real_format if args.real else data_cfg.get("format", "auto")
+    return {"path": path, "format": fmt, "stride": stride, "fps": fps, "skipped": set()}
+
+
+def _real_order(args: argparse.Namespace, real: dict, num_real: int) -> list:
+    """The real records in a seeded random order: the real clips, and the prompts of the generated ones."""
+    import numpy as np
+
+    if real["path"] is None:
+        return []
+    records = _records(real["path"], real["format"], f"--real {real['path']}")
+    if len(records) < num_real:
+        raise EvalError(f"--real {real['path']}: {len(records)} clips listed, {num_real} asked; lower --num or "
+                        f"--num-real (FVD at another N is not comparable)")  # fmt: skip
+    return [records[i] for i in np.random.default_rng(args.seed).permutation(len(records))]
+
+
+def _fake_clips(args: argparse.Namespace, num_fake: int, clip, skipped: set[str]) -> Iterator[tuple[list, list]]:
+    """Batches of (uint8 clips, captions) read from --fake, in a seeded random order; the records are checked now."""
+    import numpy as np
+
+    fakes = _records(args.fake, "auto", f"--fake {args.fake}")
+    if len(fakes) < num_fake:
+        raise EvalError(f"--fake {args.fake}: {len(fakes)} videos, {num_fake} asked; lower --num or --num-fake")
+    if clip is not None and not all(r.caption for r in fakes):
+        raise EvalError(f"--fake {args.fake}: CLIP score needs a caption per video: a .txt of the same name "
+                        f"next to each (as --save-fake writes) or a manifest with captions")  # fmt: skip
+    fakes = [fakes[i] for i in np.random.default_rng(args.seed).permutation(len(fakes))]
+    stream = _clip_stream(fakes, num_fake, args.frames, args.size, args.fake_stride, None, args.batch_size,
+                          args.workers, f"--fake {args.fake}", skipped)  # fmt: skip
+    return ((videos, [r.caption for r in recs]) for videos, recs in stream)
+
+
+def _score_real(args: argparse.Namespace, real: dict, order: list, n: int, i3d, clip) -> tuple[list, list]:
+    """I3D features of the real clips, and their CLIP score with their own captions (the reference)."""
+    from tqdm.auto import tqdm
+
+    from minisora.eval.fvd import to_i3d_input
+
+    feats, scores = [], []
+    bar = tqdm(total=n, desc="real clips", unit="clip", file=sys.stderr)
+    stream = _clip_stream(order, n, args.frames, args.size, real["stride"], real["fps"], args.batch_size,
+                          args.workers, f"--real {real['path']}", real["skipped"])  # fmt: skip
+    for videos, recs in stream:
+        if i3d is not None:
+            feats.append(i3d(to_i3d_input(videos, args.frames, args.size)))
+        if clip is not None and all(r.caption for r in recs):
+            scores.append(clip(videos, [r.caption for r in recs]))
+        bar.update(len(videos))
+    bar.close()
+    return feats, scores
+
+
+def _score_generated(args: argparse.Namespace, batches, n: int, i3d, clip, fps: float) -> tuple[list, list]:
+    """I3D features and CLIP scores of the generated clips (sampled, or read from --fake); --save-fake keeps them."""
+    from tqdm.auto import tqdm
+
+    from minisora.eval.fvd import to_i3d_input
+
+    save = Path(args.save_fake) if args.save_fake else None
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+    feats, scores, done = [], [], 0
+    bar = tqdm(total=n, desc="generated clips", unit="clip", file=sys.stderr)
+    for videos, captions in batches:
+        clips = to_i3d_input(videos, args.frames, args.size)  # (B, 3, T, S, S) uint8: what both metrics see
+        frames = [c.permute(1, 2, 3, 0).numpy() for c in clips]  # (T, S, S, 3) each
+        if i3d is not None:
+            feats.append(i3d(clips))
+        if clip is not None:
+            scores.append(clip(frames, captions))
+        if save is not None:
+            _write_fake(save, done, frames, captions, fps)
+        done += len(videos)
+        bar.update(len(videos))
+    bar.close()
+    return feats, scores
 
 
 def _sampling(pipe, args: argparse.Namespace) -> dict:

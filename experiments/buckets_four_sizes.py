@@ -1,7 +1,7 @@
-"""Bucket benchmark: one model trained on shapes at two aspect ratios and two lengths, scored per bucket.
+"""Can one model learn four clip sizes at once? Shapes at two aspect ratios and two lengths, scored per bucket.
 
-    minisora bench buckets                       # ~20 min on a 2-core CPU; results in runs/bench-buckets
-    minisora bench buckets --steps 1000 --json out.json
+    .venv/bin/python experiments/buckets_four_sizes.py --json bench/buckets-cpu.json    # ~38 min on a 2-core CPU
+    .venv/bin/python experiments/buckets_four_sizes.py --train-steps 1000 --json out.json
 
 1. Shapes clips are generated at four sizes (VARIANTS: 17 and 9 frames, 32x32 and 24x40), a quarter each.
 2. The default pipeline (configs/shapes.yaml: VAE, latent cache, DiT) trains on them with the bucket set
@@ -9,6 +9,7 @@
    batches never mix buckets, and batch sizes follow the token count.
 3. The trained model samples every shapes prompt at every bucket's size (`--seeds` seeds each) and the
    shapes evaluator scores colour and direction per bucket.
+Reruns with the same --out resume. Figures: docs/data.md.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 
 from minisora.bench.report import run_and_report
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["17x32x32", "9x32x32", "17x24x40", "9x24x40"]  # frames x height x width
 BUCKETS = ("buckets.resolutions={32px: [9, 17]}", 'buckets.aspect_ratios=["1:1", "16:9"]')
 
 
-def overrides(out: Path, args: argparse.Namespace) -> list[str]:
-    """The config of the benchmark run: configs/shapes.yaml plus these (also what the README shows)."""
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The config of the run: configs/shapes.yaml plus these (docs/data.md shows the equivalent command line)."""
+    out = Path(args.out)
     return [
         "name=buckets", f"run_dir={out / 'runs'}", f"latents.cache_root={out / 'cache'}",
         f"data.path={out / 'data' / 'manifest.csv'}", f"shapes.variants=[{','.join(VARIANTS)}]",
@@ -35,24 +37,29 @@ def overrides(out: Path, args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> dict:
-    from minisora.config import kwargs, load_config
+def buckets(cfg, pipe) -> list:
+    """The run's buckets for the trained model's autoencoder and patch."""
+    from minisora.config import kwargs
     from minisora.data.buckets import BucketSpec, Geometry
+
+    return BucketSpec(**kwargs(cfg.buckets)).build(Geometry.of(pipe.vae, pipe.model.patch_size))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from minisora.config import load_config
     from minisora.pipeline import TextToVideoPipeline
     from minisora.training.run import run_dir, run_pipeline
     from minisora.training.sampling import shapes_eval
 
-    out = Path(args.out)
-    cfg = load_config(ROOT / "configs/shapes.yaml", overrides(out, args))
+    cfg = load_config(ROOT / "configs/shapes.yaml", overrides(args))
     t0 = time.time()
     run_pipeline(cfg)
     seconds = round(time.time() - t0)
     pipe = TextToVideoPipeline.from_pretrained(run_dir(cfg))
-    geometry = Geometry.of(pipe.vae, pipe.model.patch_size)
     results: dict = {"seconds_train": seconds, "buckets": {}}
-    for bucket in BucketSpec(**kwargs(cfg.buckets)).build(geometry):
+    for bucket in buckets(cfg, pipe):
         t1 = time.time()
-        m = shapes_eval(pipe, out / "eval" / bucket.name, samples_per_prompt=args.seeds, fps=8, seed=0,
+        m = shapes_eval(pipe, Path(args.out) / "eval" / bucket.name, samples_per_prompt=args.seeds, fps=8, seed=0,
                         steps=args.steps, guidance=cfg.sample.guidance, num_frames=bucket.frames,
                         height=bucket.height, width=bucket.width)  # fmt: skip
         results["buckets"][bucket.name] = {**m, "aspect": bucket.aspect, "tokens": bucket.tokens,
@@ -74,7 +81,7 @@ def format_results(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="minisora bench buckets", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="experiments/buckets_four_sizes.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench-buckets", help="folder for data, run and cache (reruns resume)")
     p.add_argument("--clips", type=int, default=1000, help="shapes clips over the four sizes (default 1000)")
     p.add_argument("--train-steps", type=int, default=4000, help="DiT steps (default 4000, as make train)")
