@@ -151,7 +151,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
               "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "lora": "minisora.bench.lora",
               "buckets": "minisora.bench.buckets", "hours": "minisora.bench.hours",
-              "pretrained": "minisora.bench.pretrained",
+              "pretrained": "minisora.bench.pretrained", "cache": "minisora.bench.cache",
               "all": "minisora.bench.all"}  # fmt: skip
 
 
