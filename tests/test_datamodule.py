@@ -118,10 +118,13 @@ def test_same_seed_same_first_batch(dataset_dir, make_video):
     assert a["caption"] != c["caption"]
 
 
-def test_a_resumed_run_continues_with_the_batches_it_would_have_drawn(dataset_dir):
-    # 20 clips in batches of 4: 5 steps an epoch. A run resumed at step 7 starts with batch 3 of epoch 2.
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_run_continues_with_the_batches_it_would_have_drawn(dataset_dir, num_workers):
+    # 20 clips in batches of 4: 5 steps an epoch. A run resumed at step 7 starts with batch 3 of epoch 2, also
+    # with workers (their DataLoader calls iter() on the sampler twice, dropping the first iterator).
     def batches(step: int, epochs: int) -> list[list[str]]:
-        dm = VideoDataModule(str(dataset_dir / "manifest.csv"), val_fraction=0.0, seed=2, **SMALL)
+        dm = VideoDataModule(str(dataset_dir / "manifest.csv"), val_fraction=0.0, seed=2,
+                             **SMALL | {"num_workers": num_workers})  # fmt: skip
         dm.trainer = SimpleNamespace(global_step=step, accumulate_grad_batches=1, global_rank=0, world_size=1)
         loader = dm.train_dataloader()
         return [b["path"] for _ in range(epochs) for b in loader]

@@ -114,6 +114,20 @@ def test_prepare_data_writes_a_complete_cache_that_matches_the_encoders(manifest
         assert batch["caption"][i] == ds[row]["caption"] and torch.equal(batch["latents"][i], ds[row]["latents"])
 
 
+def test_forked_workers_read_through_their_own_files_and_give_the_same_batches(manifest, parts, tmp_path):
+    vae, text = parts
+    batches = {}
+    for workers in (0, 2):
+        dm = latent_module(manifest, tmp_path, vae, text, num_workers=workers)
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.train_set.datasets[0][0]  # noqa: B018  (the parent opens the shard files before the workers fork)
+        batches[workers] = [(b["index"].tolist(), b["latents"], b["caption"]) for _ in range(2) for b in dm.train_dataloader()]
+    assert len(batches[0]) == 4  # 9 train clips in batches of 4, the short one dropped, 2 epochs
+    for (rows0, z0, c0), (rows2, z2, c2) in zip(batches[0], batches[2]):
+        assert rows0 == rows2 and c0 == c2 and torch.equal(z0, z2)
+
+
 def test_second_prepare_data_reuses_the_cache_without_encoding(manifest, parts, tmp_path, monkeypatch):
     vae, text = parts
     first = latent_module(manifest, tmp_path, vae, text)

@@ -134,12 +134,15 @@ class BucketBatchSampler(DistributedSampler):
         return [b for _, b in batches]
 
     def __iter__(self):
+        # A generator: the epoch is counted (and a resumed run's `start` used) when its first batch is drawn. A
+        # DataLoader with workers calls iter() on its sampler twice and drops the first iterator; counted at
+        # iter(), that made the first epoch epoch 1 and lost a resumed run's position.
         W = self.num_replicas if self.shuffle else 1
         epoch_batches = self.global_batches(self.epoch)
-        mine = [b[self.rank :: W] if W > 1 else b for b in epoch_batches]
         start, self.start = self.start, 0
         self.epoch += 1
-        return iter(mine[start:])
+        for b in epoch_batches[start:]:
+            yield b[self.rank :: W] if W > 1 else b
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the sampler counts its own passes (see the module docstring)."""

@@ -2,9 +2,10 @@
 
 LatentStore opens a cache folder (the format: latents.py): the indexes are read into memory, the rows stay
 on disk, and a batch reads its rows with os.preadv straight into the batch's buffer. The kernel's page
-cache does the caching, outside the process: a memory map would do the same, but every page of it that a
-run touches counts in the process's resident memory, which then grows to the size of the cache (17 GB
-per process for the UCF-101 recipe under DDP; tests/test_latents.py checks that reading stays flat).
+cache does the caching, outside the process. A memory map would do the same, but every page of it that a
+run touches counts in the process's resident memory, which then grows to the size of the cache, as loading
+it did (about 17 GB per process for the UCF-101 recipe). tests/test_latents.py checks that reading stays
+flat; `minisora bench cache` measures a training epoch (docs/data.md).
 Train and validation sets are LatentRows views of one store. File handles are opened lazily in each
 process, so forked DataLoader workers each read through their own.
 """
@@ -109,9 +110,12 @@ class OpenFiles:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def __del__(self) -> None:
-        if getattr(self, "pid", None) == os.getpid():
-            self.close()
+    def __del__(self) -> None:  # a dropped store closes its files (a test session opens many stores)
+        try:
+            if self.pid == os.getpid():
+                self.close()
+        except (AttributeError, TypeError, OSError):  # interpreter shutdown, or never fully built
+            pass
 
 
 class Table:
