@@ -118,7 +118,7 @@ def test_same_seed_same_first_batch(dataset_dir, make_video):
     assert a["caption"] != c["caption"]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_resumed_run_continues_with_the_batches_it_would_have_drawn(dataset_dir, num_workers):
     # 20 clips in batches of 4: 5 steps an epoch. A run resumed at step 7 starts with batch 3 of epoch 2, also
     # with workers (their DataLoader calls iter() on the sampler twice, dropping the first iterator).
