@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.clips % args.batch_size:
         raise SystemExit(f"--clips ({args.clips}) must be a multiple of --batch-size ({args.batch_size}): one epoch reads every row")
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)  # fresh caches: nothing reused from an earlier run
+    folders = {n: out / f"clips-{n}" for n in (args.clips, 8 * args.clips)} | {"read": out / "read"}
+    for folder in folders.values():  # fresh caches: nothing reused from an earlier run
+        shutil.rmtree(folder, ignore_errors=True)
     results: dict = {
         "what": "random latents written through the cache writer (the reader is measured, not the encoders); "
         + ("--quick: both fits in this process, a smoke run whose memory figures mean nothing" if args.quick else
@@ -194,11 +196,14 @@ def run(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     try:
         for clips in (args.clips, 8 * args.clips):
-            results["caches"].append(measure(out / f"clips-{clips}", clips, args))
-        results["read"] = read_time(out / "read", args.read_clips, args.read_epochs)
+            results["caches"].append(measure(folders[clips], clips, args))
+        results["read"] = read_time(folders["read"], args.read_clips, args.read_epochs)
     finally:
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:  # only what this run wrote: --out may name a folder that holds other things
+            for folder in folders.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
     small, big = results["caches"]
     results["targets"] = {
         "growth_8n_within_10pct_plus_100mb": big["growth_mb"] <= GROWTH_RATIO * small["growth_mb"] + GROWTH_SLACK_MB,
