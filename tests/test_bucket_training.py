@@ -14,7 +14,7 @@ import torch
 from minisora.data.buckets import BucketSpec, Geometry
 from minisora.data.datamodule import VideoDataModule
 from minisora.data.latent_datamodule import LatentDataModule
-from minisora.data.latents import LatentDataset
+from minisora.data.latent_store import LatentRows, LatentStore
 from minisora.data.shapes import make_shapes
 from minisora.io import read_clip, write_video
 from minisora.models.autoencoder import VideoVAE
@@ -78,10 +78,12 @@ def test_the_latent_cache_assigns_exactly_as_the_raw_path_with_one_folder_per_bu
     raw_assignment = {r.path: b.name for b, d in zip(raw.train_buckets, raw.train_set.datasets) for r in d.records}
     assert index["assignment"] == raw_assignment
     assert {Path(p).name for p in index["skipped"]} == {"tiny.mp4", "corrupt.mp4"}
-    for entry in index["buckets"]:
-        cached = LatentDataset(latents.folder / entry["name"])
+    store = LatentStore(latents.folder)
+    for k, entry in enumerate(index["buckets"]):
+        cached = LatentRows(store, k)
         assert len(cached) == entry["count"] == 6
-        assert list(cached.latents.shape[1:]) == list(vae.latent_shape(entry["frames"], entry["height"], entry["width"]))
+        shape = list(vae.latent_shape(entry["frames"], entry["height"], entry["width"]))
+        assert cached.meta["latent_shape"] == shape and list(cached[5]["latents"].shape) == shape
     latents.setup("fit")
     for batch in latents.train_dataloader():
         b = latents.train_buckets[batch["bucket"]]

@@ -142,7 +142,7 @@ def test_batches_never_mix_buckets_and_cover_each_clip_at_most_once_per_epoch():
     assert seen_orders[0] != seen_orders[1]  # a new shuffle each epoch
     again = BucketBatchSampler(sizes, batch, seed=3)
     assert list(again) == [b for b in BucketBatchSampler(sizes, batch, seed=3)]  # deterministic for a seed
-    data = BucketBatches([list(range(n)) for n in sizes], collate=lambda items: {"items": items})
+    data = BucketBatches([list(range(n)) for n in sizes], lambda ds, rows: {"items": [ds[i] for i in rows]})
     first = next(iter(BucketBatchSampler(sizes, batch, seed=3)))
     assert data[first]["bucket"] == owner[first[0]]
     with pytest.raises(RuntimeError, match="mixes buckets"):

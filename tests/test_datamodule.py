@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import typing
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -44,22 +45,28 @@ def test_constructor_arguments_are_configurable():
         VideoDataModule(val_fraction=1.5)
 
 
+def records(data) -> list:
+    """The records of a fixed-size module's train or val set (its one bucket)."""
+    [dataset] = data.datasets
+    return dataset.records
+
+
 def test_split_sizes_deterministic_and_by_file(dataset_dir):
     dm = VideoDataModule(str(dataset_dir / "manifest.csv"), val_fraction=0.2, seed=3, **SMALL)
     dm.setup("fit")
-    train, val = [r.path for r in dm.train_set.records], [r.path for r in dm.val_set.records]
+    train, val = [r.path for r in records(dm.train_set)], [r.path for r in records(dm.val_set)]
     assert (len(train), len(val)) == (16, 4) and not set(train) & set(val)
     again = VideoDataModule(str(dataset_dir), val_fraction=0.2, seed=3, **SMALL)  # the folder finds manifest.csv
     again.setup("fit")
-    assert [r.path for r in again.val_set.records] == val
+    assert [r.path for r in records(again.val_set)] == val
     other = VideoDataModule(str(dataset_dir / "manifest.csv"), val_fraction=0.2, seed=4, **SMALL)
     other.setup("fit")
-    assert [r.path for r in other.val_set.records] != val
+    assert [r.path for r in records(other.val_set)] != val
     # The split does not depend on where the data lives (hash of the path relative to the manifest).
     moved = shutil.copytree(dataset_dir, dataset_dir.parent / "moved")
     dm_moved = VideoDataModule(str(moved / "manifest.csv"), val_fraction=0.2, seed=3, **SMALL)
     dm_moved.setup("fit")
-    assert [r.path.replace(str(moved), str(dataset_dir)) for r in dm_moved.val_set.records] == val
+    assert [r.path.replace(str(moved), str(dataset_dir)) for r in records(dm_moved.val_set)] == val
 
 
 def test_split_keeps_clips_of_one_file_together():
@@ -111,6 +118,23 @@ def test_same_seed_same_first_batch(dataset_dir, make_video):
     assert a["caption"] != c["caption"]
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_continues_with_the_batches_it_would_have_drawn(dataset_dir, num_workers):
+    # 20 clips in batches of 4: 5 steps an epoch. A run resumed at step 7 starts with batch 3 of epoch 2, also
+    # with workers (their DataLoader calls iter() on the sampler twice, dropping the first iterator).
+    def batches(step: int, epochs: int) -> list[list[str]]:
+        dm = VideoDataModule(str(dataset_dir / "manifest.csv"), val_fraction=0.0, seed=2,
+                             **SMALL | {"num_workers": num_workers})  # fmt: skip
+        dm.trainer = SimpleNamespace(global_step=step, accumulate_grad_batches=1, global_rank=0, world_size=1)
+        loader = dm.train_dataloader()
+        return [b["path"] for _ in range(epochs) for b in loader]
+
+    full = batches(0, 3)
+    assert len(full) == 15 and len({p for b in full[:5] for p in b}) == 20  # every clip once an epoch
+    assert full[5:10] != full[:5]  # a new shuffle each epoch
+    assert batches(7, 2) == full[7:]  # the rest of epoch 2, then epoch 3
+
+
 def test_two_workers_report_skipped_files(dataset_dir, bad_media):
     for name in ("empty", "text"):
         shutil.copy(bad_media[name], dataset_dir / bad_media[name].name)
@@ -151,8 +175,8 @@ def test_val_path_is_the_validation_source(dataset_dir, tmp_path, make_video):
     (tmp_path / "held" / "a.txt").write_text("held out")
     dm = VideoDataModule(str(dataset_dir / "manifest.csv"), val_path=str(tmp_path / "held"), **SMALL)
     dm.setup("fit")
-    assert len(dm.train_set) == 20 and [r.caption for r in dm.val_set.records] == ["held out"]
-    assert not dm.val_set.train
+    assert len(dm.train_set) == 20 and [r.caption for r in records(dm.val_set)] == ["held out"]
+    assert not dm.val_set.datasets[0].train
 
 
 class _Tiny(L.LightningModule):

@@ -15,30 +15,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from minisora.data.latents import EpochSampler
+from minisora.data.bucket_sampler import BucketBatchSampler
 from tiny_run import ROOT, TINY_RUN
 
 SCRIPT = ROOT / "tests" / "scripts" / "record_run.py"
 
 
-def test_epoch_sampler_deals_disjoint_shares_that_interleave_into_the_global_batch():
+def test_one_bucket_deals_disjoint_shares_that_interleave_into_the_global_batch():
+    # Fixed-size data: one bucket, its short last batch dropped (drop_last) so any clip count splits evenly.
     n, world, batch = 23, 3, 2
-    one = list(EpochSampler(n, seed=5))
-    shares = [list(EpochSampler(n, seed=5, rank=r, world_size=world)) for r in range(world)]
-    assert all(len(s) == n // world for s in shares)
-    flat = [i for s in shares for i in s]
+    one = BucketBatchSampler([n], [world * batch], seed=5, drop_last=True)  # one process, the global batch
+    shares = [list(BucketBatchSampler([n], [batch], seed=5, rank=r, world_size=world, drop_last=True))
+              for r in range(world)]  # fmt: skip
+    assert [len(s) for s in shares] == [len(one)] * world == [n // (world * batch)] * world  # 3 steps, 18 of 23 clips
+    assert all(len(b) == batch for s in shares for b in s)
+    flat = [i for s in shares for b in s for i in b]
     assert len(set(flat)) == len(flat)  # no clip twice in an epoch across ranks
     # Batch i of every rank together is batch i of one process with batch world * batch.
-    for i in range(n // world // batch):
-        together = {x for s in shares for x in s[i * batch : (i + 1) * batch]}
-        assert together == set(one[i * world * batch : (i + 1) * world * batch])
+    for i, together in enumerate(one):
+        assert {x for s in shares for x in s[i]} == set(together)
     # Each rank's next pass is the next epoch's shuffle, not a repeat; set_epoch (Lightning's) is ignored.
-    sampler = EpochSampler(n, seed=5, rank=1, world_size=world)
+    sampler = BucketBatchSampler([n], [batch], seed=5, rank=1, world_size=world, drop_last=True)
     first = list(sampler)
     sampler.set_epoch(0)
     assert list(sampler) != first
+    # Fewer clips than one global batch: one short batch, the same size on every rank.
+    small = [list(BucketBatchSampler([7], [4], seed=0, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    assert [[len(b) for b in s] for s in small] == [[3], [3]]
     with pytest.raises(ValueError, match="rank"):
-        EpochSampler(n, seed=0, rank=3, world_size=3)
+        BucketBatchSampler([n], [batch], seed=0, rank=3, world_size=3)
+    with pytest.raises(ValueError, match="2 clips make no batch for 3 ranks"):
+        BucketBatchSampler([2], [batch], seed=0, rank=0, world_size=3)
 
 
 def run_cli(tmp: Path, tag: str, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""Latent cache: what prepare_data writes, what LatentDataset returns, when the cache key changes, atomic builds."""
+"""Latent cache: what prepare_data writes, what the store reads back (streamed, not loaded), when the key changes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ import minisora.data.latent_datamodule as latents_mod
 from minisora.data.clips import ClipDataset
 from minisora.data.datamodule import VideoDataModule
 from minisora.data.latent_datamodule import LatentDataModule
+from minisora.bench.report import reset_peak_rss, rss_mb
+from minisora.data.buckets import Bucket
+from minisora.data.latent_store import LatentRows, LatentStore
 from minisora.data.latents import (
-    LatentDataset,
     build_cache,
+    cache_complete,
     is_complete,
     split_indices,
+    write_cache_index,
 )
 from minisora.data.shapes import make_shapes
 from minisora.data.sources import load_records
@@ -65,19 +69,23 @@ def test_prepare_data_writes_a_complete_cache_that_matches_the_encoders(manifest
     dm.prepare_data()
     folder = dm.folder
     assert folder.parent == tmp_path / "cache" and folder.name == dm.key
-    assert {p.name for p in folder.iterdir()} == {"index.json", "captions.safetensors", "shard-00000.safetensors"}
-    assert is_complete(folder, dm.key) and not is_complete(folder, "another-key")
+    # Fixed-size data is one bucket: its folder and buckets.json, written last.
+    bucket = folder / f"{FRAMES}x{SIZE}x{SIZE}"
+    assert {p.name for p in folder.iterdir()} == {"buckets.json", bucket.name}
+    assert {p.name for p in bucket.iterdir()} == {"index.json", "shard-00000.safetensors", "captions-00000.safetensors"}
+    assert cache_complete(folder, dm.key) and not cache_complete(folder, "another-key")
+    assert is_complete(bucket, f"{dm.key}-{bucket.name}")
     assert not list((tmp_path / "cache").glob(".*partial"))
 
     records, _ = load_records(str(manifest), "auto")
-    index = json.loads((folder / "index.json").read_text())
-    assert index["key"] == dm.key and index["count"] == CLIPS
+    index = json.loads((bucket / "index.json").read_text())
+    assert index["key"] == f"{dm.key}-{bucket.name}" and index["count"] == CLIPS
     assert index["latent_shape"] == [4, 3, 8, 8]  # (C, 1 + (9-1)/4, 32/4, 32/4)
-    assert sorted(index["captions"]) == sorted({r.caption for r in records})
-    shard = load_file(str(folder / "shard-00000.safetensors"))
+    assert index["captions"]["count"] == len({r.caption for r in records})
+    shard = load_file(str(bucket / "shard-00000.safetensors"))
     assert shard["latents"].dtype == torch.float16 and shard["latents"].shape == (CLIPS, 4, 3, 8, 8)
 
-    ds = LatentDataset(folder)
+    ds = LatentRows(LatentStore(folder), 0)
     assert len(ds) == CLIPS
     clips = ClipDataset(records, train=False, **video_module(manifest).clip_args)  # what prepare_data encoded
     for j in (0, 5, CLIPS - 1):
@@ -85,7 +93,7 @@ def test_prepare_data_writes_a_complete_cache_that_matches_the_encoders(manifest
         assert item["latents"].shape == (4, 3, 8, 8) and item["latents"].dtype == torch.float32
         assert item["context"].shape == (16, 32) and item["context"].dtype == torch.float32
         assert item["context_mask"].shape == (16,) and item["context_mask"].dtype == torch.bool
-        assert item["caption"] == records[j].caption and item["label"] == -1
+        assert item["caption"] == records[j].caption and item["label"] == -1 and item["index"] == j
         emb, mask = text([records[j].caption])  # (1, L, D), (1, L)
         torch.testing.assert_close(item["context"], emb[0], rtol=2e-3, atol=2e-3)  # stored as float16
         assert torch.equal(item["context_mask"], mask[0])
@@ -94,19 +102,37 @@ def test_prepare_data_writes_a_complete_cache_that_matches_the_encoders(manifest
         torch.testing.assert_close(item["latents"], z, rtol=2e-3, atol=2e-3)
 
     dm.setup("fit")
-    assert len(dm.train_set) + len(dm.val_set) == CLIPS and len(dm.val_set) == 3
-    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+    [train], [val] = dm.train_set.datasets, dm.val_set.datasets
+    assert len(train) + len(val) == CLIPS and len(val) == 3
+    assert not set(train.rows.tolist()) & set(val.rows.tolist())
+    assert train.store is val.store is dm.store  # one store: one set of open files and one index, two views
     batch = next(iter(dm.train_dataloader()))
     assert batch["latents"].shape == (4, 4, 3, 8, 8) and batch["context"].shape == (4, 16, 32)
     assert batch["context_mask"].shape == (4, 16) and batch["labels"].dtype == torch.long
-    assert len(batch["caption"]) == 4
+    assert len(batch["caption"]) == 4 and batch["bucket"] == 0
+    for i, row in enumerate(batch["index"].tolist()):  # a batch read holds what single reads of its rows hold
+        assert batch["caption"][i] == ds[row]["caption"] and torch.equal(batch["latents"][i], ds[row]["latents"])
+
+
+def test_forked_workers_read_through_their_own_files_and_give_the_same_batches(manifest, parts, tmp_path):
+    vae, text = parts
+    batches = {}
+    for workers in (0, 2):
+        dm = latent_module(manifest, tmp_path, vae, text, num_workers=workers)
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.train_set.datasets[0][0]  # noqa: B018  (the parent opens the shard files before the workers fork)
+        batches[workers] = [(b["index"].tolist(), b["latents"], b["caption"]) for _ in range(2) for b in dm.train_dataloader()]
+    assert len(batches[0]) == 4  # 9 train clips in batches of 4, the short one dropped, 2 epochs
+    for (rows0, z0, c0), (rows2, z2, c2) in zip(batches[0], batches[2]):
+        assert rows0 == rows2 and c0 == c2 and torch.equal(z0, z2)
 
 
 def test_second_prepare_data_reuses_the_cache_without_encoding(manifest, parts, tmp_path, monkeypatch):
     vae, text = parts
     first = latent_module(manifest, tmp_path, vae, text)
     first.prepare_data()
-    stamp = (first.folder / "index.json").stat().st_mtime_ns
+    stamp = (first.folder / "buckets.json").stat().st_mtime_ns
 
     def fail(*args, **kwargs):
         raise AssertionError("build_cache called although a complete cache exists")
@@ -117,7 +143,7 @@ def test_second_prepare_data_reuses_the_cache_without_encoding(manifest, parts, 
                           video=video_module(manifest, batch_size=7, num_workers=3))  # fmt: skip
     assert again.key == first.key
     again.prepare_data()
-    assert (again.folder / "index.json").stat().st_mtime_ns == stamp
+    assert (again.folder / "buckets.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.key]
 
 
@@ -183,8 +209,8 @@ def test_changed_manifest_builds_a_new_folder(manifest, parts, tmp_path):
     second = latent_module(local, tmp_path / "cache", vae, text, val_fraction=0.0)
     second.prepare_data()
     assert second.folder != first.folder
-    assert is_complete(first.folder) and is_complete(second.folder)
-    assert len(LatentDataset(first.folder)) == 6 and len(LatentDataset(second.folder)) == 8
+    assert cache_complete(first.folder, first.key) and cache_complete(second.folder, second.key)
+    assert LatentStore(first.folder).count(0) == 6 and LatentStore(second.folder).count(0) == 8
 
 
 class Identity(torch.nn.Module):
@@ -201,25 +227,67 @@ def batches(n: int, fail_at: int | None = None):
         yield {"video": torch.full((2, 4, 1, 2, 2), float(i)), "caption": [f"clip {i}", "same"], "label": [i, -1]}
 
 
+ONE = Bucket(1, 2, 2, "1:1", "data", None)  # the size of the stand-in "videos" below: (4, 1, 2, 2) latents
+
+
 def test_interrupted_build_leaves_no_cache(tmp_path):
     text = tiny_text()
-    out = tmp_path / "cache" / "abc"
+    out = tmp_path / "cache" / "abc" / ONE.name
     with pytest.raises(RuntimeError, match="decoder crashed"):
         build_cache(batches(4, fail_at=2), Identity(), text, out, key="abc", shard_size=2)
     assert not out.exists() and not is_complete(out, "abc")
     with pytest.raises(FileNotFoundError, match="no complete latent cache"):
-        LatentDataset(out)
+        LatentStore(out.parent)
 
-    # A rerun replaces the leftover partial folder and produces the whole cache.
+    # A rerun replaces the leftover partial folder and produces the whole cache, in shards of 3 rows (a batch of
+    # 2 is split across shards) and captions in shards of 3 too.
     build_cache(batches(4), Identity(), text, out, key="abc", shard_size=3)
     assert is_complete(out, "abc")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["abc"]
-    ds = LatentDataset(out)
-    assert len(ds) == 8 and ds.meta["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert [p.name for p in out.parent.iterdir()] == [ONE.name]
+    write_cache_index(out.parent, "abc", [(ONE, 8)])
+    ds = LatentRows(LatentStore(out.parent), 0)
+    assert len(ds) == 8 and [s["rows"] for s in ds.meta["shards"]] == [3, 3, 2]
+    assert [s["rows"] for s in ds.meta["captions"]["shards"]] == [3, 2]  # distinct captions are embedded once
     assert [float(ds[j]["latents"].mean()) for j in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [ds[j]["caption"] for j in range(4)] == ["clip 0", "same", "clip 1", "same"]
     assert [ds[j]["label"] for j in range(4)] == [0, -1, 1, -1]
-    assert len(ds.captions) == 5  # distinct captions are embedded once
+    batch = ds.batch([7, 2, 3, 0])  # rows from three shards, captions from both caption shards
+    assert batch["latents"].mean(dim=(1, 2, 3, 4)).tolist() == [3, 1, 1, 0]
+    assert batch["caption"] == ["same", "clip 1", "same", "clip 0"] and batch["labels"].tolist() == [-1, 1, -1, 0]
+    emb, _ = text(["clip 3", "same"])
+    torch.testing.assert_close(ds.batch([6, 7])["context"], emb, rtol=2e-3, atol=2e-3)
+
+
+def test_reading_streams_rows_from_disk_instead_of_loading_the_cache(tmp_path):
+    """RSS grows by a few batch buffers, not by the cache: 96 MB read twice over with < 24 MB growth."""
+    text = tiny_text()
+    rows, shape = 1200, (8, 5, 32, 32)  # 80 KB a row in float16
+
+    def random_batches():
+        g = torch.Generator().manual_seed(0)
+        for i in range(0, rows, 100):
+            yield {"video": torch.randn((100, *shape), generator=g), "caption": [f"c{j % 7}" for j in range(100)],
+                   "label": list(range(i, i + 100))}  # fmt: skip
+
+    bucket = Bucket(17, 128, 128, "1:1", "data", None)
+    build_cache(random_batches(), Identity(), text, tmp_path / bucket.name, key="big", shard_size=256)
+    write_cache_index(tmp_path, "big", [(bucket, rows)])
+    size = sum(p.stat().st_size for p in (tmp_path / bucket.name).iterdir())
+    assert size > 95e6
+    store = LatentStore(tmp_path)
+    train, val = LatentRows(store, 0, range(0, rows, 2)), LatentRows(store, 0, range(1, rows, 2))
+    before = rss_mb("VmRSS")
+    reset_peak_rss()
+    seen = 0
+    for _ in range(2):
+        for view in (train, val):
+            for i in range(0, len(view), 16):
+                batch = view.batch(list(range(i, min(i + 16, len(view)))))
+                seen += len(batch["labels"])
+                assert batch["labels"].tolist() == view.rows[i : i + 16].tolist()  # each row's own label
+    assert seen == 2 * rows
+    growth = rss_mb("VmHWM") - before
+    assert growth < 24, f"reading a {size / 1e6:.0f} MB cache grew RSS by {growth:.0f} MB"
 
 
 def test_incomplete_folders_are_not_complete(tmp_path):

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minisora import diffusion
+from minisora.data.datamodule import VideoDataModule
 from minisora.data.latent_datamodule import LatentDataModule
-from minisora.data.latents import build_cache
+from minisora.data.latents import build_cache, write_cache_index
 from minisora.models.dit import VideoDiT
 from minisora.models.text import TextEncoder
 from minisora.training.lit_dit import LitVideoDiT, build_optimizer, lr_lambda
@@ -47,13 +48,18 @@ def synthetic_cache(root: Path, text: TextEncoder, n: int) -> str:
         "label": [i % 2 for i in range(n)],
     }
     key = f"synthetic-{n}"
-    build_cache([batch], Identity(), text, root / key, key=key)
+    [bucket] = VIDEO.buckets
+    build_cache([batch], Identity(), text, root / key / bucket.name, key=key)
+    write_cache_index(root / key, key, [(bucket, n)])
     return key
+
+
+VIDEO = VideoDataModule(num_frames=17, height=32, width=32)  # one size, whose latents LATENT stands in for
 
 
 def datamodule(root: Path, key: str, batch_size: int) -> LatentDataModule:
     """The real LatentDataModule over a prebuilt cache: with the key preset, prepare_data finds it complete."""
-    dm = LatentDataModule(video=None, vae=None, text_encoder=None, cache_root=str(root), batch_size=batch_size,
+    dm = LatentDataModule(video=VIDEO, vae=None, text_encoder=None, cache_root=str(root), batch_size=batch_size,
                           num_workers=0, val_fraction=0.0)  # fmt: skip
     dm._key = key
     return dm

@@ -1,15 +1,24 @@
 """Batches that never mix buckets: a sampler of whole batches, for one process or many (DDP).
 
-Each bucket is its own dataset (its clips at its exact size). The sampler deals out lists of indices into
-their concatenation, every list from one bucket; the DataLoader fetches a list at a time
-(`batch_size=None`), so a worker builds a whole batch. It subclasses DistributedSampler so Lightning keeps
-it as it is under DDP instead of wrapping it.
+Each bucket is its own dataset (its clips at its exact size; fixed-size data is one bucket). The sampler
+deals out lists of indices into their concatenation, every list from one bucket; the DataLoader fetches a
+list at a time (`batch_size=None`, data/loader.py), so a worker builds a whole batch (and the latent cache
+reads a batch's rows in one go). It subclasses DistributedSampler so Lightning keeps it as it is under DDP
+instead of wrapping it.
 
 Epoch order: each bucket's clips are shuffled by (seed, epoch) and cut into global batches of
-world_size x that bucket's batch size (the last one shorter: the remainder cut to a multiple of
-world_size, so a small bucket still trains), the global batches of all buckets are shuffled together, and rank r takes rows r, r+W, ... of each. So at every
-step all ranks train on the same bucket, no clip is seen twice in an epoch, and W ranks together see
-exactly the global batch one process with W times the batch would see (as latents.EpochSampler does).
+world_size x that bucket's batch size, the global batches of all buckets are shuffled together, and rank
+r takes rows r, r+W, ... of each. So at every step all ranks train on the same bucket, no clip is seen
+twice in an epoch, and batch i of W ranks together is exactly the global batch i one process with W
+times the batch would draw: W processes train like one (tests/test_distributed.py). A bucket's last,
+short batch (the remainder cut to a multiple of world_size) is kept, so a small bucket still trains;
+with `drop_last` it is dropped whenever the bucket fills a whole global batch, which keeps that
+equality for any clip count (the DiT on fixed-size data: one bucket, its clips reshuffled each epoch).
+
+The epoch count is the sampler's own (incremented per pass) because Lightning's set_epoch can be off by
+one after a restore. A run resumed mid-epoch sets `epoch` and `start` (batches of this epoch already
+trained) from the global step (loader.resume_position), and the first pass begins there: the very batch
+the interrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler
 
 
 class BucketBatchSampler(DistributedSampler):
@@ -37,6 +46,7 @@ class BucketBatchSampler(DistributedSampler):
         world_size: int = 1,
         is_image: Sequence[bool] | None = None,
         image_fraction: float | None = None,
+        drop_last: bool = False,
     ):
         if len(sizes) != len(batch_sizes) or not sizes:
             raise ValueError(f"BucketBatchSampler: one batch size per bucket, got {len(batch_sizes)} for {len(sizes)}")
@@ -47,8 +57,12 @@ class BucketBatchSampler(DistributedSampler):
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         self.is_image = list(is_image) if is_image is not None else [False] * len(self.sizes)
         self.image_fraction = image_fraction if shuffle else None
+        self.drop_last = drop_last and shuffle  # validation and cache encoding see every clip
         self.epoch, self.start = 0, 0  # `start`: batches of the first epoch to skip (a resumed run)
         self.counts = self._counts()
+        if not sum(self.counts):
+            raise ValueError(f"BucketBatchSampler: {sum(self.sizes)} clips make no batch for {world_size} ranks "
+                             "(each rank needs at least one clip of a bucket)")
         if self.image_fraction is not None and self.image_fraction > 0 and self._images_short():
             have, want = self._image_batches(), self._wanted_images()
             got = have / max(1, have + self._video_batches())
@@ -60,10 +74,12 @@ class BucketBatchSampler(DistributedSampler):
 
     # ---- how many batches each bucket gives per epoch --------------------------------------------
     def _full(self, k: int) -> int:
-        """Global batches bucket k gives per epoch: full ones, plus its remainder cut to a multiple of world_size."""
+        """Global batches bucket k gives per epoch: full ones, plus its remainder cut to a multiple of world_size
+        (with drop_last only when there is no full one)."""
         W = self.num_replicas if self.shuffle else 1
         g = self.batch_sizes[k] * W
-        return self.sizes[k] // g + (self.sizes[k] % g >= W)
+        full = self.sizes[k] // g
+        return full + (self.sizes[k] % g >= W and not (self.drop_last and full))
 
     def _video_batches(self) -> int:
         return sum(self._full(k) for k in range(len(self.sizes)) if not self.is_image[k])
@@ -112,29 +128,36 @@ class BucketBatchSampler(DistributedSampler):
                 chunk = order[j * size : (j + 1) * size]
                 chunk = chunk[: len(chunk) // W * W]  # the last, short batch: equal rows for every rank
                 batches.append((k, [off + i for i in chunk]))
-        if self.shuffle:
+        if self.shuffle and len(self.sizes) > 1:  # one bucket: its batches are already in shuffled order
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[p] for p in perm]
         return [b for _, b in batches]
 
     def __iter__(self):
+        # A generator: the epoch is counted (and a resumed run's `start` used) when its first batch is drawn. A
+        # DataLoader with workers calls iter() on its sampler twice and drops the first iterator; counted at
+        # iter(), that made the first epoch epoch 1 and lost a resumed run's position.
         W = self.num_replicas if self.shuffle else 1
         epoch_batches = self.global_batches(self.epoch)
-        mine = [b[self.rank :: W] if W > 1 else b for b in epoch_batches]
         start, self.start = self.start, 0
         self.epoch += 1
-        return iter(mine[start:])
+        for b in epoch_batches[start:]:
+            yield b[self.rank :: W] if W > 1 else b
 
     def set_epoch(self, epoch: int) -> None:
-        """Ignored: the sampler counts its own passes (latents.EpochSampler explains why)."""
+        """Ignored: the sampler counts its own passes (see the module docstring)."""
 
 
 class BucketBatches(ConcatDataset):
-    """The concatenated bucket datasets, indexed by a whole batch: `self[[i, j, ...]]` -> collated batch."""
+    """The concatenated bucket datasets, indexed by a whole batch: `self[[i, j, ...]]` -> the batch.
 
-    def __init__(self, datasets: Sequence[Dataset], collate: Callable[[list], dict[str, Any]]):
+    `fetch(dataset, rows)` builds the batch of rows of one bucket's dataset (collated clips, or latent rows
+    read from the cache in one go); it must be picklable (a module-level function) for worker processes.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset], fetch: Callable[[Any, list[int]], dict[str, Any]]):
         super().__init__(datasets)
-        self.collate = collate
+        self.fetch = fetch
 
     def locate(self, index: int) -> tuple[int, int]:
         """(bucket, index within it) of an index of the concatenation."""
@@ -148,20 +171,7 @@ class BucketBatches(ConcatDataset):
         buckets = {k for k, _ in where}
         if len(buckets) != 1:  # a sampler bug, never data: say so loudly
             raise RuntimeError(f"a batch mixes buckets {sorted(buckets)}; batches must hold one bucket")
-        batch = self.collate([self.datasets[k][i] for k, i in where])
-        batch["bucket"] = where[0][0]
+        k = where[0][0]
+        batch = self.fetch(self.datasets[k], [i for _, i in where])
+        batch["bucket"] = k
         return batch
-
-
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch  # the dataset already collated it (module level: picklable for worker processes)
-
-
-def bucket_loader(
-    data: BucketBatches, sampler: BucketBatchSampler, num_workers: int, timeout: float = 0, pin_memory: bool = False
-) -> DataLoader:
-    """A DataLoader that fetches whole one-bucket batches chosen by `sampler`."""
-    return DataLoader(
-        data, sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory, timeout=timeout if num_workers > 0 else 0,
-    )  # fmt: skip

@@ -15,6 +15,9 @@ frames, and no upscaling beyond `max_upscale`), is resized with its aspect kept 
 bucket's size (ClipDataset). Each batch holds one bucket; a bucket's batch size scales with its token
 count so tokens per batch (and memory per step) stay near what `batch_size` clips of the largest bucket
 take.
+
+Fixed-size data (no `buckets` section) is the one-bucket case, OneSize: the same datasets, sampler and
+loader, with data's own crop, flip, short_policy and max_upscale, and no header probe of every file.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class Bucket:
     height: int
     width: int
     aspect: str  # the aspect ratio it stands for, width:height
-    resolution: str  # the resolution key it came from ("256px")
-    tokens: int
+    resolution: str  # the resolution key it came from ("256px"; "data" for OneSize)
+    tokens: int | None  # None: OneSize without the model's geometry (one size needs no token-scaled batches)
 
     @property
     def name(self) -> str:
@@ -108,6 +111,8 @@ def parse_resolution(text: str) -> int:
 
 class BucketSpec:
     """The `buckets` config section: which (resolution, frames, aspect) sizes exist and how they are filled."""
+
+    drop_last = False  # the DiT trains on each bucket's short last batch too: a small bucket would never train
 
     def __init__(
         self,
@@ -177,6 +182,51 @@ class BucketSpec:
         budget = batch_size * max(b.tokens for b in buckets)
         cap = self.max_batch_size or budget
         return [max(1, min(cap, budget // b.tokens)) for b in buckets]
+
+
+    def place(self, records: Sequence[ClipRecord], buckets: Sequence[Bucket], *, fps: float | None,
+              frame_stride: int) -> Assignment:  # fmt: skip
+        """Probe every record (header only) and put each in its bucket (`assign` with this spec's options)."""
+        return assign(records, probe_all(records), buckets, max_upscale=self.max_upscale, fps=fps,
+                      frame_stride=frame_stride, image_frames=bool(self.image_fraction))  # fmt: skip
+
+    def clip_options(self, bucket: Bucket, clip_args: dict) -> dict:
+        """ClipDataset options of a bucket's clips: its exact size, centre crop, short clips skipped (never looped)."""
+        return {**clip_args, "num_frames": bucket.frames, "height": bucket.height, "width": bucket.width,
+                "crop": "center", "short_policy": "skip", "max_upscale": self.max_upscale}  # fmt: skip
+
+
+class OneSize:
+    """Fixed-size data as one bucket: every clip, whatever its aspect ratio, resized and cropped to data's size.
+
+    Nothing is probed up front (a header read per file is minutes on a large dataset): ClipDataset skips
+    unreadable, too short or too small files when it meets them, naming each, and data's crop, flip,
+    short_policy and max_upscale apply as configured. The interface of BucketSpec, for the one size.
+    """
+
+    image_fraction = None
+    # The DiT drops the short last batch (every clip is in the one bucket and reshuffled each epoch), so W
+    # processes train exactly like one with W times the batch for any clip count (tests/test_distributed.py).
+    drop_last = True
+
+    def __init__(self, num_frames: int, height: int, width: int, max_upscale: float = 4.0):
+        self.size, self.max_upscale = (int(num_frames), int(height), int(width)), float(max_upscale)
+
+    def build(self, geometry: Geometry | None = None) -> list[Bucket]:
+        T, H, W = self.size
+        tokens = geometry.tokens(T, H, W) if geometry is not None else None
+        return [Bucket(T, H, W, f"{W}:{H}", "data", tokens)]
+
+    def batch_sizes(self, buckets: Sequence[Bucket], batch_size: int) -> list[int]:
+        return [batch_size] * len(buckets)
+
+    def place(self, records: Sequence[ClipRecord], buckets: Sequence[Bucket], *, fps: float | None,
+              frame_stride: int) -> Assignment:  # fmt: skip
+        """Every record in the one bucket, unprobed (fps and frame_stride matter only when a clip is read)."""
+        return Assignment(list(buckets), [list(range(len(records)))], [], [], [[]])
+
+    def clip_options(self, bucket: Bucket, clip_args: dict) -> dict:
+        return dict(clip_args)
 
 
 # ---- assignment --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """LatentDataModule: trains the DiT from the latent cache, encoding it first (once, rank 0) when missing or stale.
 
-The cache format and its writer live in latents.py; this module decides what is encoded (the cache key),
-builds the cache from a VideoDataModule (one folder, or one per bucket) and serves seeded, rank-aware loaders.
+The cache format and its writer live in latents.py, the reader in latent_store.py; this module decides what is
+encoded (the cache key), builds the cache from a VideoDataModule (one folder per bucket; fixed size is one
+bucket) and serves seeded, rank-aware, resumable loaders over one store shared by the train and val splits.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,28 +20,19 @@ from torch.utils.data import DataLoader
 
 from minisora.data.bucket_sampler import BucketBatches
 from minisora.data.buckets import Bucket
-from minisora.data.clips import ClipDataset
-from minisora.data.datamodule import (
-    VideoDataModule,
-    collate_clips,
-    one_bucket_loader,
-    rearm_worker_failure_handler,
-    resume_position,
-)
+from minisora.data.datamodule import VideoDataModule, fetch_clips
+from minisora.data.latent_store import LatentRows, LatentStore, read_rows
 from minisora.data.latents import (
-    CACHE_VERSION,
-    LatentDataset,
-    bucket_cache_complete,
     build_cache,
+    cache_complete,
     cache_key,
-    collate_latents,
     fingerprint,
     is_complete,
-    make_loader,
     split_indices,
+    write_cache_index,
 )
+from minisora.data.loader import LoaderOptions, make_loader
 from minisora.data.sources import load_records
-from minisora.files import partial_path
 
 # Loader settings that do not change what is encoded, so they stay out of the cache key.
 NOT_IN_KEY = {"batch_size", "num_workers", "persistent_workers", "pin_memory", "timeout", "val_fraction", "val_path"}
@@ -63,9 +54,9 @@ def source_fingerprint(path: str | Path) -> str:
 class LatentDataModule(L.LightningDataModule):
     """Trains from the latent cache; prepare_data() builds the cache once (rank 0) when it is missing or stale.
 
-    `video` says which clips to encode (its path, clip size and sampling options are part of the cache
-    key); every record is encoded `clips_per_video` times (random positions when > 1), and the train/val
-    split is made here, on the cached clips.
+    `video` says which clips to encode (its path, clip size or buckets and sampling options are part of the
+    cache key); every record is encoded `clips_per_video` times (random positions when > 1), and the
+    train/val split is made here, on the cached clips of each bucket.
     """
 
     def __init__(
@@ -92,10 +83,15 @@ class LatentDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.video, self.vae, self.text_encoder = video, vae, text_encoder
         self.cache_root, self.clips_per_video = Path(cache_root), clips_per_video
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        self.batch_size, self.val_fraction = batch_size, val_fraction
         self.encode_batch_size, self.seed = encode_batch_size, seed
-        self.train_set: LatentDataset | None = None
-        self.val_set: LatentDataset | None = None
+        # The video module's timeout and pin_memory; this section's workers, which stay up between epochs.
+        self.loader_options = LoaderOptions(num_workers, video.timeout, video.loader_options.pin_memory, seed)
+        self.store: LatentStore | None = None  # the one open cache; the train and val sets are views of it
+        self.train_buckets: list[Bucket] = []
+        self.val_buckets: list[Bucket] = []
+        self.train_set: BucketBatches | None = None
+        self.val_set: BucketBatches | None = None
         self._key: str | None = None
 
     @property
@@ -104,10 +100,9 @@ class LatentDataModule(L.LightningDataModule):
             options = {k: v for k, v in self.video.hparams.items() if k not in NOT_IN_KEY}
             options["clips_per_video"] = self.clips_per_video
             options["source"] = source_fingerprint(self.video.path)
-            if self.bucketed:  # the sizes clips are encoded at, and which clips go where
-                spec = self.video.spec
-                options["buckets"] = {"sizes": [b.name for b in self.video.buckets], "max_upscale": spec.max_upscale,
-                                      "image_frames": bool(spec.image_fraction)}  # fmt: skip
+            plan = self.video.plan  # the sizes clips are encoded at, and which clips go where
+            options["buckets"] = {"sizes": [b.name for b in self.video.buckets], "max_upscale": plan.max_upscale,
+                                  "image_frames": bool(plan.image_fraction)}  # fmt: skip
             # context_length changes the embeddings' shape without changing a pretrained tower's weights.
             text_id = f"{fingerprint(self.text_encoder)}:{getattr(self.text_encoder, 'context_length', None)}"
             self._key = cache_key(options, fingerprint(self.vae), text_id)
@@ -117,45 +112,9 @@ class LatentDataModule(L.LightningDataModule):
     def folder(self) -> Path:
         return self.cache_root / self.key
 
-    @property
-    def bucketed(self) -> bool:
-        return getattr(self.video, "spec", None) is not None
-
     def prepare_data(self) -> None:
-        """Encode every clip once (Lightning calls this on one process per node)."""
-        if self.bucketed:
-            return self._prepare_buckets()
-        if is_complete(self.folder, self.key):
-            return
-        records, skipped = load_records(self.video.path, self.video.format)
-        dataset = ClipDataset(
-            records * self.clips_per_video, train=self.clips_per_video > 1, source=self.video.path, **self.video.clip_args
-        )
-        if self.video.num_workers > 0:
-            rearm_worker_failure_handler()
-        loader = DataLoader(
-            dataset, batch_size=self.encode_batch_size, num_workers=self.video.num_workers,
-            collate_fn=collate_clips, timeout=self.video.timeout if self.video.num_workers else 0,
-        )  # fmt: skip
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        t0 = time.time()
-        build_cache(loader, self.vae, self.text_encoder, self.folder, key=self.key, device=device,
-                    meta={"source": self.video.path, "rows_skipped": len(skipped)})  # fmt: skip
-        self.vae.cpu()
-        rank_zero_info(f"latent cache: {len(dataset)} clips encoded into {self.folder} in {time.time() - t0:.0f} s")
-
-    # ---- bucket mode ----------------------------------------------------------------------------
-    def _encode_loader(self, dataset: ClipDataset, batch_size: int) -> DataLoader:
-        workers = self.video.num_workers
-        if workers > 0:
-            rearm_worker_failure_handler()
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
-                          timeout=self.video.timeout if workers else 0)  # fmt: skip
-
-    def _prepare_buckets(self) -> None:
-        """Assign every record to its bucket and encode each bucket into its own cache folder."""
-        index_file = self.folder / "buckets.json"
-        if bucket_cache_complete(self.folder, self.key):
+        """Encode every clip once, one folder per bucket (Lightning calls this on one process per node)."""
+        if cache_complete(self.folder, self.key):
             return
         video = self.video
         records, rows_skipped = load_records(video.path, video.format)
@@ -163,95 +122,64 @@ class LatentDataModule(L.LightningDataModule):
         buckets, datasets = video.bucket_datasets(records, assignment, train=self.clips_per_video > 1,
                                                   repeat=self.clips_per_video)  # fmt: skip
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        t0, built = time.time(), []
-        for bucket, dataset, bs in zip(buckets, datasets, video.spec.batch_sizes(buckets, self.encode_batch_size)):
+        options = dataclasses.replace(video.loader_options, persistent_workers=False)  # one pass per bucket
+        t0, built, skipped = time.time(), [], dict(assignment.skipped)
+        # Token-scaled over all buckets (small clips encode in larger batches), then one loader per bucket.
+        for bucket, dataset, bs in zip(buckets, datasets, video.plan.batch_sizes(buckets, self.encode_batch_size)):
             sub, key = self.folder / bucket.name, f"{self.key}-{bucket.name}"
             if not is_complete(sub, key):  # a bucket finished before an interruption is kept
+                loader = make_loader(BucketBatches([dataset], fetch_clips), [bucket], video.plan, bs, train=False,
+                                     options=options)  # fmt: skip
                 try:
-                    build_cache(self._encode_loader(dataset, bs), self.vae, self.text_encoder, sub, key=key,
-                                device=device, meta={"bucket": dataclasses.asdict(bucket)})  # fmt: skip
+                    build_cache(loader, self.vae, self.text_encoder, sub, key=key, device=device, total=len(dataset),
+                                desc=f"encoding {bucket.name}", meta={"bucket": dataclasses.asdict(bucket)})  # fmt: skip
                 except ValueError as e:  # every file of this bucket was unreadable: the others still train
                     rank_zero_warn(f"latent cache: bucket {bucket.name} left out: {e}")
                     continue
-            built.append({**dataclasses.asdict(bucket), "name": bucket.name, "count": len(dataset)})
+            skipped.update(json.loads((sub / "index.json").read_text())["skipped"])  # files met while encoding
+            built.append((bucket, len(dataset)))
         self.vae.cpu()
         if not built:
             raise ValueError(f"latent cache {self.folder}: no bucket could be encoded (every file was unreadable)")
-        index = {"key": self.key, "version": CACHE_VERSION, "buckets": built, "source": video.path,
-                 "skipped": dict(assignment.skipped), "rows_skipped": len(rows_skipped),
-                 "assignment": {records[r].path: assignment.buckets[b].name for r, b in assignment.bucket_of().items()}}  # fmt: skip
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = partial_path(index_file)
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, index_file)  # written last: its presence marks a complete cache
-        rank_zero_info(f"latent cache: {sum(b['count'] for b in built)} clips in {len(built)} buckets encoded into "
+        assigned = {records[r].path: assignment.buckets[b].name for r, b in assignment.bucket_of().items()}
+        write_cache_index(self.folder, self.key, built, source=video.path, skipped=skipped,
+                          rows_skipped=len(rows_skipped), assignment=assigned)  # fmt: skip
+        rank_zero_info(f"latent cache: {sum(n for _, n in built)} clips in {len(built)} bucket(s) encoded into "
                        f"{self.folder} in {time.time() - t0:.0f} s")  # fmt: skip
-
-    def _setup_buckets(self) -> None:
-        index = json.loads((self.folder / "buckets.json").read_text())
-        fields = [f.name for f in dataclasses.fields(Bucket)]
-        self.train_buckets, self.val_buckets, train_sets, val_sets = [], [], [], []
-        for k, entry in enumerate(index["buckets"]):
-            bucket = Bucket(**{f: entry[f] for f in fields})
-            full = LatentDataset(self.folder / bucket.name)
-            train, val = split_indices(len(full), self.val_fraction, self.seed + k)
-            self.train_buckets.append(bucket)
-            train_sets.append(LatentDataset(self.folder / bucket.name, train))
-            if val:
-                self.val_buckets.append(bucket)
-                val_sets.append(LatentDataset(self.folder / bucket.name, val))
-        self.train_set = BucketBatches(train_sets, collate_latents)
-        self.val_set = BucketBatches(val_sets, collate_latents) if val_sets else None
-        shapes = ", ".join(f"{b.name} -> {'x'.join(map(str, d.meta['latent_shape']))}: {len(d)}"
-                           for b, d in zip(self.train_buckets, train_sets))  # fmt: skip
-        rank_zero_info(
-            f"LatentDataModule: {len(self.train_set)} train / {len(self.val_set or [])} val clips in "
-            f"{len(self.train_buckets)} buckets ({shapes}); {len(index['skipped'])} files fit no bucket or were unreadable"
-        )
-
-    def _bucket_loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
-        return one_bucket_loader(data, buckets, self.video.spec, self.batch_size, self.seed, train, self.trainer,
-                                 self.num_workers, self._timeout)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.bucketed:
-            return self._setup_buckets()
-        full = LatentDataset(self.folder)
-        train, val = split_indices(len(full), self.val_fraction, self.seed)
-        self.train_set = LatentDataset(self.folder, train)
-        self.val_set = LatentDataset(self.folder, val) if val else None
-        meta = full.meta
-        C, t, h, w = meta["latent_shape"]
+        self.store = LatentStore(self.folder)
+        train_sets, val_sets = [], []
+        for k, bucket in enumerate(self.store.buckets):
+            train, val = split_indices(self.store.count(k), self.val_fraction, self.seed + k)
+            self.train_buckets.append(bucket)
+            train_sets.append(LatentRows(self.store, k, train))
+            if val:
+                self.val_buckets.append(bucket)
+                val_sets.append(LatentRows(self.store, k, val))
+        self.train_set = BucketBatches(train_sets, read_rows)
+        self.val_set = BucketBatches(val_sets, read_rows) if val_sets else None
+        shapes = ", ".join(f"{b.name} -> {'x'.join(map(str, d.meta['latent_shape']))}: {len(d)}"
+                           for b, d in zip(self.train_buckets, train_sets))  # fmt: skip
+        captions = sum(m["captions"]["count"] for m in self.store.meta)
         rank_zero_info(
-            f"LatentDataModule: {len(train)} train / {len(val)} val clips of latent {C}x{t}x{h}x{w}, "
-            f"{len(meta['captions'])} distinct captions, {len(meta['skipped'])} files skipped while caching"
+            f"LatentDataModule: {len(self.train_set)} train / {len(self.val_set or [])} val clips in "
+            f"{len(self.train_buckets)} bucket(s) ({shapes}), {captions} distinct captions; "
+            f"{len(self.store.index['skipped'])} files fit no bucket or were unreadable"
         )
 
+    def _loader(self, data: BucketBatches, buckets: list[Bucket], train: bool) -> DataLoader:
+        return make_loader(data, buckets, self.video.plan, self.batch_size, train=train, options=self.loader_options,
+                           trainer=self.trainer, drop_last=self.video.plan.drop_last)  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
-        if self.bucketed:
-            return self._bucket_loader(self.train_set, self.train_buckets, train=True)
-        trainer = self.trainer  # set by Lightning when this module is attached to a fit
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        loader = make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed, rank, world,
-                             self._timeout)  # fmt: skip
-        resume_position(loader.sampler, trainer, len(loader), unit=loader.batch_size)  # continue a resumed run
-        return loader
+        return self._loader(self.train_set, self.train_buckets, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
-        if self.bucketed:
-            return self._bucket_loader(self.val_set, self.val_buckets, train=False)
-        return make_loader(self.val_set, self.batch_size, False, self.num_workers, self.seed, timeout=self._timeout)
-
-    @property
-    def _timeout(self) -> float:
-        """Seconds a loader worker may take per batch: the video module's `timeout` (none without one)."""
-        return getattr(self.video, "timeout", 0.0)
+        return self._loader(self.val_set, self.val_buckets, train=False) if self.val_set is not None else []
 
     def on_exception(self, exception: BaseException) -> None:
         """Lightning calls this when a fit fails: a data-loader timeout or dead worker gets what to do about it."""
-        if self.video is not None:
-            self.video.on_exception(exception)
+        self.video.on_exception(exception)

@@ -1,40 +1,45 @@
 """Latent cache: clips encoded once through the autoencoder and text encoder, read back to train the DiT.
 
-The writer (build_cache), the reader (LatentDataset) and the seeded, rank-aware sampler; LatentDataModule
-(latent_datamodule.py) decides what is encoded and builds the cache.
+This module holds the format, the cache key and the writer (build_cache); latent_store.py reads it back
+row by row, and LatentDataModule (latent_datamodule.py) decides what is encoded and builds the cache.
 
-Layout of one cache folder (`<cache_root>/<key>/`), written to a temporary folder and renamed when
-complete, so a killed run never leaves a half cache behind:
-  index.json               key, fingerprints, shapes, captions, shard list, skipped files
-  captions.safetensors     context (K, L, D) float16 and context_mask (K, L) per distinct caption
-  shard-00000.safetensors  latents (N, C, t, h, w) float16, caption (N,) index into captions, label (N,)
+A cache is one folder per key, `<cache_root>/<key>/`, holding one folder per bucket (fixed-size data is
+one bucket), `<key>/<T>x<H>x<W>/`, and `buckets.json` (the buckets, their clip counts, the skipped files),
+written last: its presence marks a complete cache. A bucket folder is written to a temporary folder and
+renamed when complete, so a killed run never leaves a half bucket behind, and a bucket encoded before
+an interruption is kept: the next run encodes the rest. One bucket folder:
+  index.json                 key, shapes, shard lists, skipped files
+  shard-00000.safetensors    latents (n, C, t, h, w) float16, caption (n,) row in the caption table, label (n,)
+  captions-00000.safetensors context (k, L, D) float16 and context_mask (k, L) of each distinct caption, in
+                             order of first use, and its text: text (bytes,) uint8 UTF-8, text_offsets (k + 1,)
+Shards hold at most `shard_size` rows and SHARD_BYTES bytes, so neither the writer nor the reader ever
+holds more than one shard, however large the cache grows.
 The key hashes the data options, the autoencoder (config and weights) and the text encoder, so a
 change to any of them makes a new cache instead of silently reusing a stale one.
-
-With buckets (data/buckets.py) the cache is one such folder per bucket, `<cache_root>/<key>/<T>x<H>x<W>/`,
-plus `buckets.json` (the buckets, their clip counts and the skipped files), written last. A bucket
-encoded before an interruption is kept; the next run encodes the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import logging
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from minisora.data.datamodule import rearm_worker_failure_handler
+from minisora.data.buckets import Bucket
 from minisora.files import partial_path, remove_stale_partials
 
-log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shards streamed row by row, caption embeddings in shards of their own
+SHARD_BYTES = 512 * 2**20  # a shard's size bound: the writer holds one shard of clips and one of captions
+EMBED_BATCH = 256  # captions per text-encoder call
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -52,6 +57,58 @@ def cache_key(data_options: dict[str, Any], vae_id: str, text_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class ShardWriter:
+    """Rows of named tensors written to numbered safetensors files `<prefix>-NNNNN.safetensors`.
+
+    One shard's rows are held at a time, in buffers allocated once and saved as they are (safetensors 0.8
+    writes from the tensors' memory, no copy). With `text`, each row also carries a string, stored as
+    UTF-8 bytes with offsets.
+    """
+
+    def __init__(self, folder: Path, prefix: str, max_rows: int, max_bytes: int, text: bool = False):
+        self.folder, self.prefix, self.max_rows, self.max_bytes, self.text = folder, prefix, max_rows, max_bytes, text
+        self.files: list[dict[str, Any]] = []  # {"file": name, "rows": n} per shard written
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.texts: list[str] = []
+        self.n = 0  # rows in the buffers
+
+    @property
+    def rows(self) -> int:
+        return sum(f["rows"] for f in self.files) + self.n
+
+    def add(self, tensors: dict[str, torch.Tensor], texts: list[str] | None = None) -> None:
+        """Append rows (every tensor's first dimension; one string per row with `text`), flushing full shards."""
+        B = next(iter(tensors.values())).shape[0]
+        if not self.buffers:
+            row_bytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
+            capacity = max(1, min(self.max_rows, self.max_bytes // max(1, row_bytes)))
+            self.buffers = {k: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for k, t in tensors.items()}
+        capacity = next(iter(self.buffers.values())).shape[0]
+        done = 0
+        while done < B:
+            take = min(B - done, capacity - self.n)
+            for k, t in tensors.items():
+                self.buffers[k][self.n : self.n + take] = t[done : done + take]
+            if self.text:
+                self.texts += texts[done : done + take]
+            self.n, done = self.n + take, done + take
+            if self.n == capacity:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.n:
+            return
+        out = {k: b[: self.n] for k, b in self.buffers.items()}  # leading rows: contiguous views
+        if self.text:
+            encoded = [t.encode("utf-8") for t in self.texts]
+            out["text"] = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy())
+            out["text_offsets"] = torch.tensor(np.cumsum([0, *map(len, encoded)]), dtype=torch.int64)
+        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file(out, str(self.folder / name))
+        self.files.append({"file": name, "rows": self.n})
+        self.n, self.texts = 0, []
+
+
 def build_cache(
     batches: Iterable[dict[str, Any]],
     vae: torch.nn.Module,
@@ -62,20 +119,27 @@ def build_cache(
     meta: dict[str, Any] | None = None,
     shard_size: int = 4096,
     device: str | torch.device = "cpu",
+    total: int | None = None,
+    desc: str = "latent cache",
 ) -> Path:
-    """Encode video batches (dicts with video, caption, label) into the cache folder `out`; returns it."""
+    """Encode video batches (dicts with video, caption, label) into the bucket folder `out`; returns it.
+
+    `total` (clips) sizes the progress bar.
+    """
     out = Path(out)
     remove_stale_partials(out.parent, out.name)  # left by a killed run
     tmp = partial_path(out)  # unique per writer: two nodes encoding into one shared folder never mix shards
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if not _write_cache(batches, vae, text_encoder, tmp, key=key, meta=meta, shard_size=shard_size, device=device):
+        written = _write_cache(batches, vae, text_encoder, tmp, key=key, meta=meta, shard_size=shard_size,
+                               device=device, total=total, desc=desc)  # fmt: skip
+        if not written:
             raise ValueError(f"latent cache {out}: the dataset produced no clips to encode")
         if is_complete(out, key):  # another process (a second node, a parallel run) finished the same cache first
             return out
         shutil.rmtree(out, ignore_errors=True)  # a stale or incomplete folder under the key
-        tmp.rename(out)  # the cache appears complete or not at all
+        tmp.rename(out)  # the bucket appears complete or not at all
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # an error, or a cache another process finished first
@@ -92,131 +156,105 @@ def _write_cache(
     meta: dict[str, Any] | None,
     shard_size: int,
     device: str | torch.device,
+    total: int | None,
+    desc: str,
 ) -> int:
-    """Shards, caption embeddings and index.json into `tmp` (layout: module docstring); returns the clip count."""
-    captions: dict[str, int] = {}
-    shard: dict[str, list[torch.Tensor]] = {"latents": [], "caption": [], "label": []}
-    shards: list[str] = []
+    """Shards, caption shards and index.json into `tmp` (layout: module docstring); returns the clip count."""
+    clips = ShardWriter(tmp, "shard", shard_size, SHARD_BYTES)
+    captions = ShardWriter(tmp, "captions", shard_size, SHARD_BYTES, text=True)
+    rows: dict[str, int] = {}  # caption -> its row in the caption table (only the text is kept, not embeddings)
+    waiting: list[str] = []  # captions met since the last text-encoder call
     skipped: dict[str, str] = {}
-    count, latent_shape, start = 0, None, time.time()
+    latent_shape, start = None, time.time()
 
-    def flush() -> None:
-        if not shard["latents"]:
-            return
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file({k: torch.cat(v) for k, v in shard.items()}, str(tmp / name))
-        shards.append(name)
-        for v in shard.values():
-            v.clear()
+    def embed() -> None:
+        if waiting:
+            e, m = text_encoder(waiting)  # (k, L, D), (k, L)
+            captions.add({"context": e.float().cpu().to(torch.float16), "context_mask": m.cpu()}, waiting)
+            waiting.clear()
 
     vae = vae.to(device).eval()
-    for batch in batches:
-        for path, reason in batch.get("skipped", []):
-            skipped[path] = reason
-        keep = ~torch.as_tensor(batch.get("substitute", False)).expand(len(batch["caption"]))  # (B,)
-        if not keep.any():
-            continue
-        video = batch["video"][keep].to(device)  # (B, 3, T, H, W)
-        z = vae.encode(video).float().cpu()  # (B, C, t, h, w), normalised
-        latent_shape = list(z.shape[1:])
-        idx = [captions.setdefault(c, len(captions)) for c, k in zip(batch["caption"], keep) if k]
-        shard["latents"].append(z.to(torch.float16))
-        shard["caption"].append(torch.tensor(idx, dtype=torch.long))
-        shard["label"].append(torch.as_tensor(batch["label"], dtype=torch.long).reshape(-1)[keep])
-        count += z.shape[0]
-        if sum(x.shape[0] for x in shard["latents"]) >= shard_size:
-            flush()
-    flush()
-    if count == 0:
+    bar = tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True)  # clips/s and ETA: on real data the long step
+    try:
+        for batch in batches:
+            for path, reason in batch.get("skipped", []):
+                skipped[path] = reason
+            keep = ~torch.as_tensor(batch.get("substitute", False)).expand(len(batch["caption"]))  # (B,)
+            bar.update(len(batch["caption"]))
+            if not keep.any():
+                continue
+            video = batch["video"][keep].to(device)  # (B, 3, T, H, W)
+            z = vae.encode(video).to(torch.float16).cpu()  # (B, C, t, h, w), normalised
+            latent_shape = list(z.shape[1:])
+            idx = []
+            for c in (c for c, k in zip(batch["caption"], keep) if k):
+                if c not in rows:
+                    rows[c] = len(rows)
+                    waiting.append(c)
+                idx.append(rows[c])
+            labels = torch.as_tensor(batch["label"], dtype=torch.long).reshape(-1)[keep]  # (B,)
+            clips.add({"latents": z, "caption": torch.tensor(idx, dtype=torch.long), "label": labels})
+            if len(waiting) >= EMBED_BATCH:
+                embed()
+        embed()
+    finally:
+        bar.close()
+    clips.flush()
+    captions.flush()
+    if clips.rows == 0:
         return 0
-
-    texts = list(captions)
-    embs, masks = [], []
-    for i in range(0, len(texts), 256):
-        e, m = text_encoder(texts[i : i + 256])  # (k, L, D), (k, L)
-        embs.append(e.float().cpu().to(torch.float16))
-        masks.append(m.cpu())
-    save_file({"context": torch.cat(embs), "context_mask": torch.cat(masks)}, str(tmp / "captions.safetensors"))
     index = {
         "key": key,
         "version": CACHE_VERSION,
-        "count": count,
+        "count": clips.rows,
         "latent_shape": latent_shape,
-        "captions": texts,
-        "shards": shards,
+        "shards": clips.files,
+        "captions": {"count": captions.rows, "shards": captions.files},
         "skipped": skipped,
         "seconds": round(time.time() - start, 1),
         **(meta or {}),
     }
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
-    return count
+    return clips.rows
 
 
 def is_complete(folder: str | Path, key: str | None = None) -> bool:
-    index = Path(folder) / "index.json"
-    if not index.is_file():
-        return False
+    """A bucket folder whose index.json (with this key) and every shard it lists are there."""
+    folder = Path(folder)
     try:
-        meta = json.loads(index.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads((folder / "index.json").read_text())
+    except (OSError, json.JSONDecodeError):
         return False
-    if key is not None and meta.get("key") != key:
+    if meta.get("version") != CACHE_VERSION or (key is not None and meta.get("key") != key):
         return False
-    return all((Path(folder) / s).is_file() for s in meta.get("shards", []))
+    files = meta.get("shards", []) + meta.get("captions", {}).get("shards", [])
+    return all((folder / s["file"]).is_file() for s in files)
 
 
-def bucket_cache_complete(folder: str | Path, key: str) -> bool:
-    """A bucketed cache whose buckets.json has this key and whose every bucket folder is complete."""
-    index = Path(folder) / "buckets.json"
+def cache_complete(folder: str | Path, key: str) -> bool:
+    """A cache whose buckets.json has this key and whose every bucket folder is complete."""
     try:
-        meta = json.loads(index.read_text())
+        meta = json.loads((Path(folder) / "buckets.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return meta.get("key") == key and all(is_complete(Path(folder) / b["name"]) for b in meta.get("buckets", []))
 
 
-class LatentDataset(Dataset):
-    """Cached latents with their caption embeddings; items are dicts ready for LitVideoDiT."""
-
-    def __init__(self, folder: str | Path, indices: list[int] | None = None):
-        folder = Path(folder)
-        if not is_complete(folder):
-            raise FileNotFoundError(f"no complete latent cache in {folder} (run `minisora cache` or `minisora train`)")
-        self.meta = json.loads((folder / "index.json").read_text())
-        parts = [load_file(str(folder / s)) for s in self.meta["shards"]]
-        self.latents = torch.cat([p["latents"] for p in parts])  # (N, C, t, h, w) float16
-        self.caption = torch.cat([p["caption"] for p in parts])  # (N,)
-        self.label = torch.cat([p["label"] for p in parts])  # (N,)
-        text = load_file(str(folder / "captions.safetensors"))
-        self.context, self.context_mask = text["context"], text["context_mask"]  # (K, L, D), (K, L)
-        self.captions: list[str] = self.meta["captions"]
-        self.indices = list(range(len(self.latents))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        j = self.indices[i]
-        k = int(self.caption[j])
-        return {
-            "latents": self.latents[j].float(),
-            "context": self.context[k].float(),
-            "context_mask": self.context_mask[k],
-            "label": int(self.label[j]),
-            "caption": self.captions[k],
-            "index": j,  # the clip's row in the cache: which clips a rank or a bad step saw
-        }
-
-
-def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "latents": torch.stack([it["latents"] for it in items]),  # (B, C, t, h, w)
-        "context": torch.stack([it["context"] for it in items]),  # (B, L, D)
-        "context_mask": torch.stack([it["context_mask"] for it in items]),  # (B, L)
-        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),  # (B,)
-        "caption": [it["caption"] for it in items],
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,)
-    }
+def write_cache_index(
+    folder: str | Path, key: str, buckets: list[tuple[Bucket, int]], skipped: dict[str, str] | None = None, **info: Any
+) -> Path:
+    """buckets.json of a cache whose bucket folders are complete: (bucket, clip count) each, the files skipped
+    (path -> why), plus `info`. Written last, atomically: its presence marks a complete cache.
+    """
+    folder = Path(folder)
+    entries = [{**dataclasses.asdict(b), "name": b.name, "count": n} for b, n in buckets]
+    index = folder / "buckets.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(index)
+    blob = {"key": key, "version": CACHE_VERSION, "buckets": entries, "skipped": skipped or {}, **info}
+    tmp.write_text(json.dumps(blob, indent=1))
+    os.replace(tmp, index)
+    return index
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -224,60 +262,3 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if val_fraction > 0 and n > 1 else 0
     return sorted(perm[n_val:]), sorted(perm[:n_val])
-
-
-class EpochSampler(DistributedSampler):
-    """Shuffles by (seed, epoch), keeping its own epoch count; deals each rank its share; `start` resumes mid-epoch.
-
-    Rank r of W takes positions r, r+W, r+2W, ... of the epoch's permutation (cut to a multiple of W), so
-    batch i of every rank together is positions [i*W*B, (i+1)*W*B): the very clips one process with batch
-    W*B would draw, which is what makes a W-GPU run train like a single-process run of the same global
-    batch. No clip is seen twice per epoch across ranks.
-
-    The epoch count is the sampler's own (incremented per pass) because Lightning's set_epoch can be
-    off by one after a restore. A run resumed mid-epoch sets `epoch` and `start` (in this rank's items)
-    from the global step, and the first pass is rotated to begin at `start`: Lightning stops the
-    restarted epoch after its remaining batches, so training continues with the very batch the
-    interrupted run would have drawn. (A DistributedSampler subclass, so Lightning does not wrap it.)
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size or n < world_size:
-            raise ValueError(f"EpochSampler: need 0 <= rank < world_size <= n, got rank {rank}, {world_size}, n {n}")
-        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.n, self.epoch, self.start = n, 0, 0
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        W = self.num_replicas
-        mine = order[self.rank : len(self) * W : W]
-        start, self.start = self.start, 0
-        self.epoch += 1
-        return iter(mine[start:] + mine[:start])
-
-    def __len__(self) -> int:
-        return self.n // self.num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignored: the sampler counts its own passes (see the class docstring)."""
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
-    timeout: float = 0,
-) -> DataLoader:
-    if num_workers > 0:
-        rearm_worker_failure_handler()
-    sampler = EpochSampler(len(dataset), seed, rank, world_size) if shuffle else None
-    n = len(sampler) if sampler is not None else len(dataset)  # this rank's clips per epoch
-    return DataLoader(
-        dataset,
-        batch_size=min(batch_size, n),
-        sampler=sampler,
-        drop_last=shuffle,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate_latents,
-        timeout=timeout if num_workers > 0 else 0,  # a hung worker surfaces as an error, not a silent stall
-    )

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from minisora.config import kwargs
-from minisora.data.buckets import Assignment, Bucket, BucketError, BucketSpec, Geometry, assign, probe_all
+from minisora.data.buckets import Assignment, BucketError, BucketSpec, Geometry, OneSize, assign, probe_all
 from minisora.data.sources import load_records, short_list
 
 
@@ -33,26 +33,17 @@ def geometry_of(cfg: DictConfig) -> Geometry:
     return Geometry.of(cfg.vae, cfg.model.patch_size)  # the VideoVAE the run will train
 
 
-def _single_size(cfg: DictConfig, geometry: Geometry) -> tuple[BucketSpec, list[Bucket]]:
-    """Fixed-size mode as one bucket: every aspect ratio is cropped to data's size."""
-    d = cfg.data
-    spec = BucketSpec({f"{d.height * d.width}px": [d.num_frames]}, ["1:1"], max_upscale=d.max_upscale)
-    bucket = Bucket(d.num_frames, d.height, d.width, "1:1", "data", geometry.tokens(d.num_frames, d.height, d.width))
-    return spec, [bucket]
-
-
 def data_stats(cfg: DictConfig) -> dict[str, Any]:
     """Counts per bucket, skips by reason and the token histogram, as a JSON-able dict."""
     geometry = geometry_of(cfg)
     records, rows_skipped = load_records(cfg.data.path, cfg.data.format)
-    if cfg.get("buckets") is not None:
-        spec = BucketSpec(**kwargs(cfg.buckets))
-        buckets = spec.build(geometry)
-    else:
-        spec, buckets = _single_size(cfg, geometry)
-    infos = probe_all(records)
     fixed = cfg.get("buckets") is None
-    # Fixed-size mode is one bucket, so every aspect ratio goes to it; short_policy="loop" repeats short videos.
+    d = cfg.data
+    spec = OneSize(d.num_frames, d.height, d.width, d.max_upscale) if fixed else BucketSpec(**kwargs(cfg.buckets))
+    buckets = spec.build(geometry)
+    # Training takes every record into the one size unprobed (ClipDataset skips bad ones as it meets them); here
+    # every file is probed so the counts are known up front. short_policy="loop" repeats short videos.
+    infos = probe_all(records)
     loop = fixed and cfg.data.short_policy == "loop"
     a: Assignment = assign(
         records, infos, buckets, max_upscale=spec.max_upscale, fps=cfg.data.fps, frame_stride=cfg.data.frame_stride,

@@ -163,7 +163,7 @@ class LitVideoDiT(L.LightningModule):
         B = x0.shape[0]
         # t, noise and caption dropout come from a generator seeded by (seed, step), not the global RNG, so a
         # resumed run draws exactly what an uninterrupted one would. Each of `world` ranks draws them for the whole
-        # global batch and keeps rows rank::world, the rows its EpochSampler share holds: W processes with batch
+        # global batch and keeps rows rank::world, the rows its BucketBatchSampler share holds: W processes with batch
         # B train exactly like one with batch W*B. Validation draws the same every time (curves compare like
         # with like).
         world, rank = (self.trainer.world_size, self.global_rank) if train and self._trainer is not None else (1, 0)

@@ -316,7 +316,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     live_text = text if cfg.get("lora") and cfg.lora.text_encoder else None
     lit = LitVideoDiT(model, null_context=null[0], null_mask=null_mask[0], text_encoder=live_text, **kwargs(cfg.dit_train))
     lit.run_config = to_plain(cfg)
-    say(describe_dit(cfg, model, vae, lit, latents.video.buckets))
+    say(describe_dit(cfg, model, vae, lit, latents.video.buckets if latents.video.spec is not None else None))
     if resume:
         say(f"resuming from {resume}")
     for line in report:
