@@ -30,6 +30,7 @@ def tiny_lit(**kw) -> LitVideoDiT:
                                  r"dit_train.optimizer=adamw"),
     ({"freeze": [r"blocks\.0\."]}, r"frozen DiT weights \(lora, dit_train.freeze\).*use trainer.strategy=ddp"),
     ({"text_encoder": torch.nn.Linear(2, 2)}, r"a text encoder trained with the DiT \(lora.text_encoder\)"),
+    ({"compile": True}, r"dit_train.compile=true"),
 ])  # fmt: skip
 def test_fsdp_refuses_what_it_does_not_train_before_sharding_anything(settings, message):
     lit = tiny_lit(**settings)

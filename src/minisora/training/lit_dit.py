@@ -242,6 +242,7 @@ class LitVideoDiT(L.LightningModule):
             (self.optimizer_name == "adamw8bit", "dit_train.optimizer=adamw8bit (bitsandbytes has no sharded-tensor "
              "version; use dit_train.optimizer=adamw: FSDP already divides the optimizer state over the GPUs)"),
             (self.text_encoder is not None, "a text encoder trained with the DiT (lora.text_encoder)"),
+            (self.compile, "dit_train.compile=true (torch.compile of sharded blocks is untested here)"),
             (bool(self.frozen) or not all(p.requires_grad for p in self.model.parameters()),
              "frozen DiT weights (lora, dit_train.freeze): fine-tunes that fit one GPU; use trainer.strategy=ddp"),
         ) if bad]  # fmt: skip
