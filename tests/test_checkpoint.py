@@ -21,6 +21,7 @@ from minisora.checkpoint import (
 from minisora.models.dit import VideoDiT
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "minisora"
+KEY = "final_layer.linear.weight"  # re-drawn in the tiny run's checkpoints (tiny_run.py), so it differs by source
 
 
 @pytest.fixture(scope="session")
@@ -46,48 +47,57 @@ def dit_for(ckpt) -> VideoDiT:
     )
 
 
-def test_a_run_folder_means_its_newest_checkpoint(run, tmp_path):
-    assert find_checkpoint(run) == ("lightning", run / "checkpoints" / "last.ckpt")
+def test_a_run_folder_means_its_newest_complete_checkpoint(run, tmp_path):
+    assert find_checkpoint(run) == ("lightning", run / "checkpoints" / "last.ckpt")  # step 4, tied with step-4
     assert find_checkpoint(run / "checkpoints") == ("lightning", run / "checkpoints" / "last.ckpt")
-    # Without last.ckpt the highest step wins, whatever the file times say.
+    # The highest step recorded inside the files wins, whatever their names or times say.
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    for name in ("step-000010.ckpt", "step-000200.ckpt", "step-000030.ckpt"):
-        (folder / name).write_bytes(b"x")
+    for name, step in (("step-000010.ckpt", 10), ("step-000200.ckpt", 30), ("last.ckpt", 20)):
+        torch.save({"global_step": step, "w": torch.zeros(4)}, folder / name)
     assert newest_checkpoint(folder).name == "step-000200.ckpt"
+    (folder / "step-000200.ckpt").write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"step-000200.ckpt is incomplete or corrupt"):
+        assert newest_checkpoint(folder).name == "last.ckpt"
+    (folder / "last.ckpt").write_bytes(b"")
+    (folder / "step-000010.ckpt").write_bytes(b"PK\x03\x04")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"no complete checkpoint; last.ckpt, "
+                                                                          r"step-000010.ckpt, step-000200.ckpt are"):
+        find_checkpoint(tmp_path)
 
 
-def test_lightning_checkpoint_gives_config_ema_weights_and_vae(run):
-    ckpt = load_checkpoint(run)
-    state = lightning_state(run)
-    assert ckpt.kind == "lightning" and ckpt.weights == "ema" and ckpt.step == 4
-    assert ckpt.config["model"]["hidden_size"] == 32 and ckpt.config["dit_train"]["prediction"] == "x0"
-    assert ckpt.vae_path == run / "vae" / "vae.safetensors"
-    assert set(ckpt.state_dict) == {k[len("ema.module.") :] for k in state if k.startswith("ema.module.")}
-    key = "final_layer.linear.weight"
-    assert torch.equal(ckpt.state_dict[key], state["ema.module." + key])
-    raw = load_checkpoint(run, ema=False)
-    assert raw.weights == "raw" and torch.equal(raw.state_dict[key], state["model." + key])
-    assert not torch.equal(raw.state_dict[key], ckpt.state_dict[key])
+def test_a_corrupt_last_ckpt_sends_sampling_export_and_init_from_to_the_good_step_checkpoint(run, tmp_path):
+    from minisora.config import load_config
+    from minisora.pipeline import TextToVideoPipeline
+    from minisora.training import finetune
+
+    copy = tmp_path / "shapes"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("logs", "samples"))
+    last, good = copy / "checkpoints" / "last.ckpt", copy / "checkpoints" / "step-000004.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated, as by a full disk
+    corrupt = r"last.ckpt is incomplete or corrupt"
+    with pytest.warns(UserWarning, match=corrupt):
+        assert TextToVideoPipeline.from_pretrained(copy).checkpoint == good  # `minisora sample --ckpt <run>`
+    with pytest.warns(UserWarning, match=corrupt):
+        exported = export_checkpoint(copy, tmp_path / "export")
+    state, info = read_weights(exported)
+    assert info["step"] == 4 and torch.equal(state[KEY], load_checkpoint(good).state_dict[KEY])
+    with pytest.warns(UserWarning, match=corrupt):
+        cfg = load_config(None, [f"init_from={copy}", "name=tuned"])
+    assert cfg.model.hidden_size == 32  # the base run's model, read from the good checkpoint
+    with pytest.warns(UserWarning, match=corrupt):
+        report, _ = finetune.prepare(cfg, dit_for(load_checkpoint(good)), None, resumed=False)
+    assert report[0].startswith(f"init_from {good} (ema weights, step 4)")
 
 
-def test_config_falls_back_to_the_run_config_yaml(run, tmp_path):
-    """Checkpoints written before checkpoint['minisora_config'] existed still load, from <run>/config.yaml."""
-    old = tmp_path / "old_run"
-    (old / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "vae", old / "vae")
-    shutil.copy(run / "config.yaml", old / "config.yaml")
+def test_a_checkpoint_without_its_run_config_is_refused(run, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del ckpt["minisora_config"]
-    torch.save(ckpt, old / "checkpoints" / "step-000004.ckpt")
-    loaded = load_checkpoint(old)
-    assert loaded.source == old / "checkpoints" / "step-000004.ckpt"
-    assert loaded.config["model"]["depth"] == 2 and loaded.vae_path == old / "vae" / "vae.safetensors"
-    # Alone, without a run folder around it, it cannot say how to build the model.
-    lone = tmp_path / "lone.ckpt"
-    shutil.copy(old / "checkpoints" / "step-000004.ckpt", lone)
-    with pytest.raises(CheckpointError, match="carries no config"):
-        load_checkpoint(lone)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", tmp_path / "run" / "config.yaml")  # not read: checkpoints carry their config
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "step-000004.ckpt")
+    with pytest.raises(CheckpointError, match=r"step-000004.ckpt: the checkpoint carries no run config"):
+        load_checkpoint(tmp_path / "run")
 
 
 def test_export_folder_is_self_describing_and_relocatable(run, exported, tmp_path):

@@ -1,4 +1,4 @@
-"""Multi-process training: the real `minisora train` pipeline on 2 CPU processes (DDP over gloo).
+"""Multi-process training: the real `minisora train` pipeline on 2 CPU processes (DDP and FSDP over gloo).
 
 Lightning's launcher starts rank 1 by re-running the command, exactly as on a multi-GPU machine; the
 only difference from a user's run is the recording callback of tests/scripts/record_run.py.
@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from minisora.checkpoint import export_checkpoint, read_weights
 from minisora.data.bucket_sampler import BucketBatchSampler
+from minisora.io import read_clip
 from tiny_run import ROOT, TINY_RUN
 
 SCRIPT = ROOT / "tests" / "scripts" / "record_run.py"
+KEY = "final_layer.linear.weight"
 
 
 def test_one_bucket_deals_disjoint_shares_that_interleave_into_the_global_batch():
@@ -62,19 +68,52 @@ def run_cli(tmp: Path, tag: str, *overrides: str, launcher: tuple[str, ...] = (s
     return proc
 
 
+def load(tmp: Path, name: str, file: str = "last.ckpt") -> dict:
+    return torch.load(tmp / "runs" / name / "checkpoints" / file, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints of one step hold the same model, EMA and AdamW state (up to float reduction order)."""
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # the model and its EMA
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=1e-3, atol=1e-8)
+    # Training moved the zero-initialised output layer, so the equality above is of trained weights.
+    assert a["state_dict"]["model.final_layer.linear.weight"].abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single(tmp_path_factory) -> SimpleNamespace:
+    """A 2-process DDP run (VAE and DiT) and one process with the global batch on its VAE: 5 DiT steps each.
+
+    checkpoint_every=4: step 4 is a periodic checkpoint, step 5 the final one (saved although 5 % 4 != 0).
+    Shared by the DDP and FSDP tests, which both compare with the single-process run.
+    """
+    tmp = tmp_path_factory.mktemp("distributed")
+    steps = ("trainer.max_steps=5", "trainer.checkpoint_every=4")
+    ddp = run_cli(tmp, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
+                  "vae_trainer.devices=2", "vae_trainer.strategy=ddp", *steps)  # fmt: skip
+    ranks = [json.loads((tmp / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
+    caches = list((tmp / "cache").iterdir())
+    vae = tmp / "runs" / "ddp" / "vae" / "vae.safetensors"
+    run_cli(tmp, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}", *steps)
+    single = json.loads((tmp / "dit-rank0.json").read_text())  # overwritten by the single run's rank 0
+    return SimpleNamespace(tmp=tmp, ddp=ddp, ranks=ranks, single=single, caches=caches, vae=vae)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_sees_disjoint_data_and_writes_the_single_process_checkpoint(tmp_path):
-    ddp = run_cli(
-        tmp_path, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
-        "vae_trainer.devices=2", "vae_trainer.strategy=ddp",
-    )  # fmt: skip
-    ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
-    assert "resuming" not in ddp.stdout
+def test_two_process_ddp_sees_disjoint_data_and_writes_the_single_process_checkpoint(ddp_and_single):
+    tmp, ranks, single = ddp_and_single.tmp, ddp_and_single.ranks, ddp_and_single.single
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [5, 5]
+    assert "resuming" not in ddp_and_single.ddp.stdout
     # The VAE trained under DDP too, and rank 0 alone wrote it; the cache was encoded once.
-    vae = tmp_path / "runs" / "ddp" / "vae" / "vae.safetensors"
-    assert vae.is_file()
-    caches = [p for p in (tmp_path / "cache").iterdir()]
+    assert ddp_and_single.vae.is_file()
+    caches = ddp_and_single.caches
     assert len(caches) == 1 and not caches[0].name.endswith("partial"), caches
     # 11 training clips (12 minus 1 for validation): each rank gets 5 a pass, in 2 batches of 2.
     per_epoch = 2
@@ -84,28 +123,51 @@ def test_two_process_ddp_sees_disjoint_data_and_writes_the_single_process_checkp
         assert len(flat) == 8 and len(set(flat)) == 8, f"epoch {epoch}: a clip was seen twice across ranks: {seen}"
 
     # One process with the global batch (2 ranks x 2) draws the same clips, the same noise, the same steps.
-    run_cli(tmp_path, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}")
-    single = json.loads((tmp_path / "dit-rank0.json").read_text())  # overwritten by the single run's rank 0
     assert single["world"] == 1
     for i, batch in enumerate(single["batches"]):
         assert set(batch) == set(ranks[0]["batches"][i]) | set(ranks[1]["batches"][i])
-    assert len(caches) == len(list((tmp_path / "cache").iterdir()))  # the single run reused the cache
+    assert len(caches) == len(list((tmp / "cache").iterdir()))  # the single run reused the cache
+    for name in ("ddp", "single"):  # the periodic step and the final one, which 4 does not divide
+        assert sorted(p.name for p in (tmp / "runs" / name / "checkpoints").glob("*.ckpt")) == [
+            "last.ckpt", "step-000004.ckpt", "step-000005.ckpt"]  # fmt: skip
+    assert_same_training_state(load(tmp, "ddp"), load(tmp, "single"))
 
-    def load(name: str) -> dict:
-        path = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
-        return torch.load(path, map_location="cpu", weights_only=True)
 
-    a, b = load("ddp"), load("single")
-    assert a["global_step"] == b["global_step"] == 4
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():  # the model and its EMA (kept by rank 0)
-        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for k in opt_a:
-        for name in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=1e-3, atol=1e-8)
-    # Training moved the zero-initialised output layer, so the equality above is of trained weights.
-    assert a["state_dict"]["model.final_layer.linear.weight"].abs().max() > 1e-4
+@pytest.mark.slow
+def test_two_process_fsdp_resumes_a_single_process_checkpoint_and_matches_it(ddp_and_single):
+    """FSDP (fully_shard, model and EMA sharded alike, blocks re-computed in backward) on 2 gloo processes: resumed
+    from the single run's step 4, its step 5 is the single run's step 5, model, EMA and optimizer; the checkpoint
+    is one full state dict and the EMA, gathered to rank 0, samples the single run's videos."""
+    tmp = ddp_and_single.tmp
+    ckpts = tmp / "runs" / "fsdp" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(tmp / "runs" / "single" / "checkpoints" / "step-000004.ckpt", ckpts)
+    fsdp = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=2", "trainer.strategy=fsdp", "latents.batch_size=2",
+                   "trainer.max_steps=5", "trainer.checkpoint_every=4", f"vae_weights={ddp_and_single.vae}",
+                   "model.grad_checkpointing=true")  # fmt: skip
+    assert f"resuming from {ckpts / 'step-000004.ckpt'}" in fsdp.stdout
+    ranks = [json.loads((tmp / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [5, 5]
+    assert set(ranks[0]["batches"][0]) | set(ranks[1]["batches"][0]) == set(ddp_and_single.single["batches"][4])
+    last, single = load(tmp, "fsdp"), load(tmp, "single")
+    assert_same_training_state(last, single)
+    assert int(last["state_dict"]["ema.n_averaged"]) == 5 and last["minisora_config"]["trainer"]["strategy"] == "fsdp"
+    # Sampled at the end from the gathered EMA: the single run's videos (same weights, prompts and seed).
+    videos = sorted((tmp / "runs" / "single" / "samples" / "step-000005").glob("*.mp4"))
+    assert len(videos) == 3
+    for video in videos:
+        a = read_clip(video).astype(np.float32)
+        b = read_clip(tmp / "runs" / "fsdp" / "samples" / "step-000005" / video.name).astype(np.float32)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 0.5, video.name  # in 0..255 levels
+    exported = export_checkpoint(tmp / "runs" / "fsdp", tmp / "export")
+    assert torch.equal(read_weights(exported)[0][KEY], last["state_dict"][f"ema.module.{KEY}"])  # the EMA, whole
+    # The same run goes on in one process: the FSDP checkpoint resumes without FSDP.
+    one = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=1", "latents.batch_size=4", "trainer.max_steps=6",
+                  f"vae_weights={ddp_and_single.vae}")  # fmt: skip
+    assert f"resuming from {ckpts / 'last.ckpt'}" in one.stdout
+    resumed = load(tmp, "fsdp")
+    assert resumed["global_step"] == 6 and int(resumed["state_dict"]["ema.n_averaged"]) == 6
+    assert not torch.equal(resumed["state_dict"][f"model.{KEY}"], last["state_dict"][f"model.{KEY}"])
 
 
 @pytest.mark.slow

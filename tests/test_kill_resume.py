@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minisora.training.run import checkpoint_step
+from minisora.checkpoint import checkpoint_step
 from tiny_run import ROOT, TINY_RUN
 
 SCRIPT = ROOT / "tests" / "scripts" / "kill_run.py"

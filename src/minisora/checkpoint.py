@@ -5,9 +5,9 @@ Three things name a DiT checkpoint:
     (never without it: a checkpoint from elsewhere must not run code on load);
   - an exported folder (config.yaml + model.safetensors + vae.safetensors, see `export_checkpoint`), which
     needs neither Lightning nor pickle;
-  - a run folder (`runs/<name>`), meaning its newest checkpoint.
-The config travels with the weights (checkpoint["minisora_config"], or the run's config.yaml for
-checkpoints written before that key existed).
+  - a run folder (`runs/<name>`), meaning its newest complete checkpoint (newest_checkpoint: the one rule
+    resume shares).
+The config travels with the weights (checkpoint["minisora_config"]).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,17 +51,49 @@ class Checkpoint:
 
 
 # ---- finding ---------------------------------------------------------------------------------
-def _step_of(path: Path) -> int:
-    m = re.search(r"step-(\d+)", path.stem)
-    return int(m.group(1)) if m else -1
+def _saved_step(path: Path) -> int | None:
+    """The global_step a checkpoint records (only its pickle is read; mmap leaves tensors on disk); None if unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated zip, not a zip, a folder, a refused pickle: not a checkpoint to use
+        return None
+    return int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else None
+
+
+def _passes_crc(path: Path) -> bool:
+    """Whether every member of the torch.save zip archive passes its CRC check (bit rot and half copies fail)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return False
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step of a complete checkpoint; None when `path` is truncated, corrupt or not a checkpoint."""
+    return _saved_step(path) if _passes_crc(path) else None
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """last.ckpt (Lightning rewrites it at every save), else the highest step-XXXXXX.ckpt, else the newest *.ckpt."""
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: (_step_of(p), p.stat().st_mtime))
-    return ckpts[-1] if ckpts else None
+    """The newest complete checkpoint in `folder`: the highest step that passes its CRC checks, last.ckpt on a tie.
+
+    The one rule for resume, sampling, export and init_from. Usually last.ckpt; but a kill between writing
+    step-N.ckpt and replacing last.ckpt leaves step N only in the step file, and a corrupt last.ckpt must not
+    cost a run its newest state. Steps come from the files, not their names or times; only the chosen file
+    is read whole (for its CRCs). Every file found incomplete or corrupt is named in a warning.
+    """
+    found: list[tuple[int, bool, Path]] = []
+    for path in sorted(folder.glob("*.ckpt")):
+        step = _saved_step(path)
+        if step is None:
+            warnings.warn(f"{path} is incomplete or corrupt (not a readable checkpoint); using another", stacklevel=2)
+        else:
+            found.append((step, path.name == "last.ckpt", path))
+    for _, _, path in sorted(found, reverse=True):
+        if _passes_crc(path):
+            return path
+        warnings.warn(f"{path} is incomplete or corrupt (its CRC check fails); using another", stacklevel=2)
+    return None
 
 
 def find_checkpoint(path: str | Path) -> tuple[str, Path]:
@@ -74,6 +107,9 @@ def find_checkpoint(path: str | Path) -> tuple[str, Path]:
         for folder in (path / "checkpoints", path):
             if folder.is_dir() and (ckpt := newest_checkpoint(folder)) is not None:
                 return "lightning", ckpt
+        if broken := [*(path / "checkpoints").glob("*.ckpt"), *path.glob("*.ckpt")]:
+            raise CheckpointError(f"{path}: no complete checkpoint; {', '.join(p.name for p in sorted(broken))} "
+                                  f"are incomplete or corrupt; {HELP}")  # fmt: skip
         if (path / "config.yaml").is_file() or (path / "vae").is_dir() or (path / "checkpoints").is_dir():
             raise CheckpointError(f"{path}: a run folder without DiT checkpoints yet (train the DiT first); {HELP}")
         raise CheckpointError(f"{path}: a folder without model.safetensors or checkpoints/*.ckpt; {HELP}")
@@ -165,8 +201,6 @@ def read_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.Te
     if isinstance(ckpt, dict):
         info["step"] = ckpt.get("global_step")
         info["config"] = ckpt.get("minisora_config")
-    if info["config"] is None and file.parent.name == "checkpoints" and (file.parent.parent / "config.yaml").is_file():
-        info["config"] = read_config_file(file.parent.parent / "config.yaml")
     if is_lora_state(state):  # a LoRA fine-tuning run: fold its adapters into the base weights
         state = _merge_lora(state, info["config"], file)
         info["lora_merged"] = True
@@ -221,8 +255,8 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Checkpoint:
     config = info["config"]
     if config is None:
         raise CheckpointError(
-            f"{file}: the checkpoint carries no config (checkpoint['minisora_config']) and no run config.yaml was "
-            f"found next to its checkpoints/ folder"
+            f"{file}: the checkpoint carries no run config (checkpoint['minisora_config'], which every minisora "
+            f"training run writes), so the model cannot be built; {HELP}"
         )
     candidates = _vae_candidates(config, info["kind"], file)
     vae = next((p for p in candidates if p.is_file()), None)

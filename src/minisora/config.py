@@ -33,8 +33,8 @@ class TrainerConfig:
     accelerator: str = "auto"  # "cpu", "gpu", "auto"
     devices: str = "auto"  # "auto", a count ("2") or a list ("0,1")
     num_nodes: int = 1
-    strategy: str = "auto"  # "auto", "ddp", "fsdp", "deepspeed_stage_2" (training/strategy.py)
-    # Keyword arguments of that strategy's class, e.g. {sharding_strategy: SHARD_GRAD_OP} for FSDPStrategy.
+    strategy: str = "auto"  # "auto" (one device), "ddp", "fsdp" (shards the DiT; training/strategy.py)
+    # Keyword arguments of DDPStrategy for ddp (e.g. {static_graph: true}); fsdp and auto take none.
     strategy_options: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # "auto" = bf16-mixed on a GPU that supports it, else 32-true
     accumulate_grad_batches: int = 1
@@ -42,7 +42,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     val_check_interval: int | None = None  # validate every N training steps (None: once per epoch)
     limit_val_batches: int | None = 8
-    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    checkpoint_every: int = 500  # steps between checkpoints; the last step is saved too, whatever max_steps is
     deterministic: bool = False
     enable_progress_bar: bool = True
 

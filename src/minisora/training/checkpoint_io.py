@@ -1,4 +1,5 @@
-"""SafeCheckpointIO: checkpoint files that survive a kill, a crash or a full disk.
+"""Checkpoint files: when they are written (StepCheckpoint) and how (SafeCheckpointIO, surviving a kill, a crash
+or a full disk).
 
 Lightning's TorchCheckpointIO writes through an fsspec transaction whose temporary file lives in the
 system temp folder (often another filesystem, e.g. a tmpfs /tmp): the final "rename" is then a copy, and a
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -95,3 +97,24 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         # Tensors and plain containers only: a checkpoint from a stranger cannot run code on load.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint every `every_n_train_steps` steps and at the step training ends, whatever max_steps is.
+
+    Lightning's saves only at multiples of every_n_train_steps, so a 150-step run saving every 7 steps ended
+    with step 147 as its newest checkpoint (last.ckpt included): resume, fine-tuning and sampling started 3
+    steps back. The final save goes through the same top-k and last.ckpt machinery as the periodic ones.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run's start step is already on disk (it was resumed from): a finished run rerun saves nothing.
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Replaces Lightning's, which only writes last.ckpt when no checkpoint was saved at all.
+        if not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is already saved
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
 from minisora.models.dit import VideoDiT
+from minisora.training.strategy import ShardedStrategy
 
 OPTIMIZERS = ("adamw8bit", "adamw")
 T_BUCKETS = 4  # loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
@@ -107,9 +109,11 @@ class LitVideoDiT(L.LightningModule):
         # A text encoder here trains with the DiT (LoRA on its MLPs): captions are encoded at every step instead
         # of read from the latent cache. None: the cached embeddings are used.
         self.text_encoder = text_encoder
-        # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export.
+        # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export. Under FSDP
+        # it is sharded like the model (configure_model), so each rank averages its own shard.
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        self._unsharded: tuple[VideoDiT, ...] = ()  # under FSDP: the EMA's architecture on the meta device
         if model.condition == "text" and null_context is None:
             raise ValueError("a text-conditioned model needs null_context (the empty-prompt embedding) for caption dropout")
         self.register_buffer("null_context", null_context, persistent=False)  # (L, D)
@@ -167,8 +171,7 @@ class LitVideoDiT(L.LightningModule):
         # B train exactly like one with batch W*B. Validation draws the same every time (curves compare like
         # with like).
         world, rank = (self.trainer.world_size, self.global_rank) if train and self._trainer is not None else (1, 0)
-        # (The trailing 0 was the rank; kept so single-GPU runs draw what they drew before multi-GPU support.)
-        key = (self.seed, self.global_step, 0) if train else (self.seed, -1 - batch_idx, 0)
+        key = (self.seed, self.global_step) if train else (self.seed, -1 - batch_idx)
         gen = torch.Generator(device=x0.device).manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         t = diffusion.sample_t(B * world, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
                                shift=self._shift(x0))[rank::world]  # (B,)
@@ -221,7 +224,51 @@ class LitVideoDiT(L.LightningModule):
         """Rank 0 alone keeps the EMA current (it writes checkpoints and samples); under FSDP each rank owns a shard."""
         if self._trainer is None or self.trainer.world_size == 1:
             return True
-        return self.trainer.is_global_zero or isinstance(self.trainer.strategy, FSDPStrategy)
+        return self.trainer.is_global_zero or isinstance(self.trainer.strategy, ShardedStrategy)
+
+    # ---- FSDP -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under FSDP: shard the model and its EMA identically (DiT blocks, then the rest), so the EMA needs no traffic.
+
+        fully_shard splits every tensor along its first dimension over the same ranks, so rank r holds the same
+        rows of a model weight and of its average: AveragedModel's update runs on local shards, and each rank
+        keeps 1/W of the EMA. Checked below, tensor by tensor. Lightning's FSDP1 flattened the two into different
+        shards instead. Checkpoints gather both into one full state dict (ShardedStrategy).
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ShardedStrategy) or self._unsharded:
+            return
+        refused = [why for bad, why in (
+            (self.optimizer_name == "adamw8bit", "dit_train.optimizer=adamw8bit (bitsandbytes has no sharded-tensor "
+             "version; use dit_train.optimizer=adamw: FSDP already divides the optimizer state over the GPUs)"),
+            (self.text_encoder is not None, "a text encoder trained with the DiT (lora.text_encoder)"),
+            (self.compile, "dit_train.compile=true (torch.compile of sharded blocks is untested here)"),
+            (bool(self.frozen) or not all(p.requires_grad for p in self.model.parameters()),
+             "frozen DiT weights (lora, dit_train.freeze): fine-tunes that fit one GPU; use trainer.strategy=ddp"),
+        ) if bad]  # fmt: skip
+        if refused:
+            raise ValueError(f"trainer.strategy=fsdp does not train {'; '.join(refused)}")
+        self._unsharded = (copy.deepcopy(self.ema.module).to("meta"),)  # shapes only: what full_ema() fills
+        strategy.shard(self.model)
+        strategy.shard(self.ema.module)
+        for (name, p), e in zip(self.model.named_parameters(), self.ema.module.parameters()):
+            if (p.placements, p.to_local().shape) != (e.placements, e.to_local().shape):
+                raise RuntimeError(f"FSDP sharded {name} and its EMA differently: {p.placements} {p.to_local().shape} "
+                                   f"vs {e.placements} {e.to_local().shape}")  # fmt: skip
+
+    def full_ema(self) -> VideoDiT | None:
+        """The EMA network, whole, for sampling. Under FSDP a collective: every rank calls it, rank 0 gets the model."""
+        if not self._unsharded:
+            return self.ema.module
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the CPU
+        state = get_model_state_dict(self.ema.module, options=options)
+        if not self.trainer.is_global_zero:
+            return None
+        model = copy.deepcopy(self._unsharded[0]).to_empty(device=self.device)
+        model.load_state_dict(state)
+        return model.eval()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm; skip the update when it is not finite (a NaN/inf loss gives NaN gradients).
@@ -233,9 +280,11 @@ class LitVideoDiT(L.LightningModule):
         if not grads:
             return
         norm = torch.stack([g.detach().float().norm() for g in grads]).norm()
+        if isinstance(norm, DTensor):  # FSDP: the norm over every rank's gradient shards
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(norm))
         if self._trainer is not None and self.trainer.world_size > 1:
-            # Under FSDP each rank sees only its shard of the gradients: every rank must skip if any saw a NaN.
+            # Every rank must take the same decision: a step skipped on one rank only would desynchronise them.
             finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if finite:
             self.bad_in_a_row = 0

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from minisora.config import kwargs, save_config, to_plain
 from minisora.files import file_lock, remove_stale_partials
-from minisora.training.checkpoint_io import SafeCheckpointIO
+from minisora.training.checkpoint_io import SafeCheckpointIO, StepCheckpoint
 from minisora.training.strategy import build_strategy, uses_checkpoint_io
 
 log = logging.getLogger("minisora")
@@ -54,13 +53,15 @@ def devices(value: str) -> Any:
 def build_trainer(
     tcfg: DictConfig, folder: Path, callbacks: list, tag: str, wrap: set[type] | None = None, find_unused: bool = False
 ) -> L.Trainer:
-    """A Lightning Trainer from the `trainer` section: its strategy, TensorBoard logs, periodic + last checkpoints.
+    """A Lightning Trainer from a `trainer` section: its strategy, TensorBoard logs, checkpoints every
+    `checkpoint_every` steps and at the last step (+ last.ckpt).
 
     `wrap` and `find_unused` go to build_strategy (FSDP's wrap units; DDP with parameters a step may not use).
     Checkpoints go through SafeCheckpointIO (atomic writes, free-space check, weights_only loads).
     """
-    strategy = build_strategy(tcfg.strategy, to_plain(tcfg.strategy_options), wrap, find_unused)
-    ckpt = ModelCheckpoint(
+    section = tcfg._key() or "trainer"  # "trainer" or "vae_trainer", for error messages
+    strategy = build_strategy(tcfg.strategy, to_plain(tcfg.strategy_options), wrap, find_unused, section)
+    ckpt = StepCheckpoint(
         dirpath=folder / "checkpoints",
         filename="step-{step:06d}",
         auto_insert_metric_name=False,
@@ -73,6 +74,9 @@ def build_trainer(
         # step-based validation none follows, and runs of short epochs lost their checkpoints. Saving in the
         # train loop (every_n_epochs stays 0, so no extra epoch-end saves) keeps every_n_train_steps exact.
         save_on_train_epoch_end=True,
+        # A resumed run writes last.ckpt, not last-v1.ckpt beside it, also when its folder moved (Lightning then
+        # forgets which file it wrote last and versions the name).
+        enable_version_counter=False,
     )
     return L.Trainer(
         max_steps=tcfg.max_steps,
@@ -96,39 +100,18 @@ def build_trainer(
     )
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The global step of a complete checkpoint; None when `path` is truncated or corrupt.
-
-    A complete torch.save zip archive passes its CRC checks; a half-copied file, a full disk or a kill
-    during `cp` fails them. The step is read with mmap, so tensors stay on disk.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:
-                return None
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
-        return None
-
-
 def last_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a rerun resumes from: the complete one with the highest step (last.ckpt on a tie).
+    """The checkpoint a rerun resumes from: checkpoint.newest_checkpoint of <folder>/checkpoints.
 
-    Usually last.ckpt; but a kill between writing step-N.ckpt and replacing last.ckpt leaves step N only in
-    the step file, and a corrupt last.ckpt must not cost the run its newest state. Partial files of a writer
-    killed mid-save are deleted first (the complete files they were to replace are still there).
+    Partial files of a writer killed mid-save are deleted first (the complete files they were to replace are
+    still there); sampling and export only read, so this cleanup is resume's alone.
     """
+    from minisora.checkpoint import newest_checkpoint
+
     ckpts = folder / "checkpoints"
     for p in remove_stale_partials(ckpts):
         say(f"removed {p}: a checkpoint write that did not finish (the run was killed while saving)")
-    best: tuple[int, int, Path] | None = None
-    for path in sorted(ckpts.glob("*.ckpt")) if ckpts.is_dir() else []:
-        step = checkpoint_step(path)
-        if step is None:
-            say(f"warning: {path} is incomplete or corrupt (not a readable checkpoint); resuming from another one")
-        elif best is None or (step, path.name == "last.ckpt") > best[:2]:
-            best = (step, path.name == "last.ckpt", path)
-    return best[2] if best else None
+    return newest_checkpoint(ckpts) if ckpts.is_dir() else None
 
 
 # ---- data ------------------------------------------------------------------------------------

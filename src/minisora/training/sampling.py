@@ -8,8 +8,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from minisora.io import film_strip, save_video
 from minisora.pipeline import TextToVideoPipeline
@@ -75,25 +73,22 @@ class SampleVideos(L.Callback):
         self.shapes_eval, self.samples_per_prompt = shapes_eval, samples_per_prompt
         self.metrics: dict | None = None
 
-    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TextToVideoPipeline:
+    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> TextToVideoPipeline:
         clip = trainer.datamodule.video.clip_args  # sample at the training clip size
         T, H, W = clip["num_frames"], clip["height"], clip["width"]
         self.vae.to(pl_module.device)
         if self.text_encoder is not None:
             self.text_encoder.to(pl_module.device)
         return TextToVideoPipeline(
-            pl_module.ema_model, self.vae, self.text_encoder, prediction=pl_module.prediction,
+            model, self.vae, self.text_encoder, prediction=pl_module.prediction,
             t_shift=pl_module.t_shift, num_frames=T, height=H, width=W, fps=self.fps,
         )  # fmt: skip
 
-    @rank_zero_only
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy):
-            # Rank 0 holds only its shard of the EMA weights; the checkpoint (one full state dict) has them all.
-            if final:
-                rank_zero_warn("no samples during FSDP training: run `minisora sample --ckpt <run>` on the checkpoint")
+        model = pl_module.full_ema()  # every rank: under FSDP this gathers the EMA's shards to rank 0
+        if not trainer.is_global_zero:
             return
-        pipe = self.pipeline(trainer, pl_module)
+        pipe = self.pipeline(trainer, pl_module, model)
         step = trainer.global_step
         out = self.folder / f"step-{step:06d}"
         if self.prompts:

@@ -1,59 +1,100 @@
-"""Lightning strategies from the config: one GPU, DDP, FSDP (DiT blocks as wrap units) or DeepSpeed ZeRO-2.
+"""Lightning strategies from the config: one device, DDP, or FSDP (torch's fully_shard, DiT blocks as units).
 
 The same code runs under `minisora train` on one machine (Lightning starts the other processes),
 `torchrun`, or SLURM `srun`: Lightning's cluster environments read the rank variables each launcher sets.
+Every strategy writes one full checkpoint file through SafeCheckpointIO, so a run resumes, samples and
+exports on any number of devices.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import warnings
 from typing import Any
 
 import torch.nn as nn
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
 from minisora.training.checkpoint_io import SafeCheckpointIO
 
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+NOT_SUPPORTED = {  # name prefix -> why
+    "deepspeed": "DeepSpeed writes checkpoints as folders of shards, which resume, sampling and export do not read",
+    "fsdp_": "Lightning's FSDPStrategy (FSDP1) flattens the model and its EMA copy into different shards",
+}
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """FSDP2 over every process: each parameter split along its first dimension (torch fully_shard).
+
+    The LightningModule calls `shard(module)` in configure_model for each module to shard: its `units`
+    (whole transformer blocks) become FSDP units, then the module itself. Two modules of one architecture
+    sharded this way hold the same slices of every tensor on each rank, so an EMA copy sharded alongside
+    its model updates from local shards alone. Checkpoints are one full state dict gathered to rank 0.
+    """
+
+    def __init__(self, units: set[type[nn.Module]] | None = None):
+        super().__init__(save_distributed_checkpoint=False)
+        self.units = tuple(units or ())
+        self.checkpoint_io = SafeCheckpointIO()
+
+    def setup_environment(self) -> None:
+        # One data-parallel axis over all processes: FSDP alone, no tensor parallelism.
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    def shard(self, module: nn.Module) -> nn.Module:
+        """Make every `units` block of `module`, then `module`, an FSDP unit on the data-parallel mesh."""
+        from torch.distributed.fsdp import fully_shard
+
+        # VideoDiT returns a view (its output cropped in time); FSDP2 warns in case the caller modifies it in
+        # place. The loss does not: the 2-process test matches one process's weights and gradients.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
+        mesh = self.device_mesh["data_parallel"]
+        for block in module.modules():
+            if isinstance(block, self.units):
+                fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Tensors and plain containers only, as SafeCheckpointIO loads them: resume cannot run code.
+        return super().load_checkpoint(checkpoint_path, weights_only=True if weights_only is None else weights_only)
+
 
 def build_strategy(
-    name: str, options: dict[str, Any] | None = None, wrap: set[type[nn.Module]] | None = None, find_unused: bool = False
+    name: str,
+    options: dict[str, Any] | None = None,
+    wrap: set[type[nn.Module]] | None = None,
+    find_unused: bool = False,
+    section: str = "trainer",
 ) -> str | Strategy:
-    """A Strategy (or a name Lightning resolves) for `trainer.strategy` + `trainer.strategy_options`.
+    """A Strategy (or a name Lightning resolves) for `<section>.strategy` + `<section>.strategy_options`.
 
-    `wrap` is the set of block classes FSDP shards as units (and checkpoints, with
-    `activation_checkpointing: true`): whole transformer blocks, the granularity FSDP is designed for.
-    `find_unused` is for models with parameters a step may not touch (a GAN discriminator before it starts).
+    `wrap` is the set of block classes FSDP shards as units; None for a model that is not sharded (the
+    autoencoder), which refuses fsdp. `find_unused` is for models with parameters a step may not touch (a
+    GAN discriminator before it starts).
     """
     opts = dict(options or {})
+    if name not in STRATEGIES:
+        why = next((why for prefix, why in NOT_SUPPORTED.items() if name.startswith(prefix)), "not one minisora runs")
+        raise ValueError(f"{section}.strategy={name!r} is not supported: {why}; use {section}.strategy=ddp "
+                         f"(a model that fits one GPU) or fsdp (shards the DiT across GPUs); valid: "
+                         f"{', '.join(STRATEGIES)}")  # fmt: skip
     if name in ("ddp", "ddp_find_unused_parameters_true"):
         opts.setdefault("find_unused_parameters", find_unused or name.endswith("_true"))
         return DDPStrategy(checkpoint_io=SafeCheckpointIO(), **opts)
     if name == "fsdp":
-        if opts.pop("activation_checkpointing", False) and wrap:
-            opts["activation_checkpointing_policy"] = set(wrap)
-        opts.setdefault("auto_wrap_policy", set(wrap) if wrap else None)
-        # One full state dict written by rank 0: the file resumes on any number of GPUs, or none.
-        opts.setdefault("state_dict_type", "full")
-        return FSDPStrategy(checkpoint_io=SafeCheckpointIO(), **opts)
-    if name.startswith("deepspeed"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(
-                f"trainer.strategy={name!r} needs DeepSpeed, which is not installed: `.venv/bin/pip install deepspeed` "
-                "(CUDA only), or use trainer.strategy=ddp or fsdp"
-            )
+        if not wrap:
+            raise ValueError(f"{section}.strategy='fsdp' shards a model's transformer blocks and this model (the "
+                             f"autoencoder) has none: use {section}.strategy=ddp")  # fmt: skip
         if opts:
-            from lightning.pytorch.strategies import DeepSpeedStrategy
-
-            stage = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}.get(name, 2)
-            return DeepSpeedStrategy(stage=stage, **opts)
-        return name  # DeepSpeed writes its own checkpoint folders; Lightning's registry configures it
+            raise ValueError(f"{section}.strategy_options={opts}: fsdp takes none (every DiT block is an FSDP unit, "
+                             "resharded after forward); activation checkpointing is model.grad_checkpointing=true")
+        return ShardedStrategy(wrap)
     if opts:
-        raise ValueError(f"trainer.strategy_options is only read for ddp, fsdp and deepspeed, not {name!r}: {opts}")
-    if name == "auto":
-        return "auto"  # one device: Lightning's SingleDeviceStrategy; the plugin below gives it SafeCheckpointIO
-    return name  # any other Lightning strategy name (e.g. ddp_spawn): Lightning validates it
+        raise ValueError(f"{section}.strategy_options is only read for ddp, not {name!r}: {opts}")
+    return name  # "auto": one device (Lightning's SingleDeviceStrategy), or DDP when devices > 1
 
 
 def uses_checkpoint_io(strategy: str | Strategy) -> bool:
     """Whether SafeCheckpointIO must be passed as a Trainer plugin (strategies built here carry their own)."""
-    return isinstance(strategy, str) and not strategy.startswith("deepspeed")
+    return isinstance(strategy, str)
