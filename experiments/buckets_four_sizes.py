@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from minisora.config import load_config
     from minisora.pipeline import TextToVideoPipeline
     from minisora.training.run import run_dir, run_pipeline
-    from minisora.training.sampling import shapes_eval
+    from minisora.training.preview import shapes_eval
 
     cfg = load_config(ROOT / "configs/shapes.yaml", overrides(args))
     t0 = time.time()

@@ -42,7 +42,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  heigth: 32\n")
     r = subprocess.run(
-        [sys.executable, "-m", "minisora.cli", "config", "--config", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "minisora", "config", "--config", str(bad)], capture_output=True, text=True
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr

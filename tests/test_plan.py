@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minisora import plan as P
-from minisora import plan_report as R
+from minisora.cli import plan as R
 from minisora.cli import main
 from minisora.models.dit import VideoDiT
 

@@ -206,7 +206,7 @@ def test_unwritable_out_fails_before_the_model_loads(run, tmp_path, monkeypatch,
 
 
 def test_errors_print_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "minisora.cli", "sample", "--ckpt", str(tmp_path / "none.ckpt"),
+    r = subprocess.run([sys.executable, "-m", "minisora", "sample", "--ckpt", str(tmp_path / "none.ckpt"),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "none.ckpt: no such file or folder" in r.stderr

@@ -80,7 +80,7 @@ def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from minisora.models.text import TextEncoder
     from minisora.training.lit_autoencoder import LitAutoencoder
     from minisora.training.lit_dit import LitVideoDiT
-    from minisora.training.sampling import SampleVideos
+    from minisora.training.preview import SampleVideos
 
     return {
         "data": (VideoDataModule, ("buckets", "geometry")),

@@ -4,7 +4,7 @@
 
 Bytes of live tensors (what CUDA's max_memory_allocated reports), counted component by component; the GPU
 check adds an assumed CUDA context and allocator slack. What is counted, and the calibration against
-measured CPU peaks: docs/benchmarks.md, "Memory planner". The command's output is minisora.plan_report.
+measured CPU peaks: docs/benchmarks.md, "Memory planner". The command's output is minisora.cli.plan.
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.models.dit import DiTBlock
     from minisora.training import finetune
     from minisora.training.lit_dit import LitVideoDiT
-    from minisora.training.sampling import SampleVideos
+    from minisora.training.preview import SampleVideos
 
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)

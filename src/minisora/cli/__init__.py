@@ -87,7 +87,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from minisora.config import load_config
     from minisora.data.buckets import BucketError
     from minisora.data.stats import data_stats, format_stats
-    from minisora.sample import plain_warnings
+    from minisora.cli.sample import plain_warnings
     from minisora.training.run import ensure_data
 
     cfg = load_config(args.config, args.overrides)
@@ -107,7 +107,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 def _user_errors(command: str, fn, args: argparse.Namespace) -> int:
     """Run a sample/export command; bad input (a ValueError naming the file or option) is one line, exit code 2."""
-    from minisora.sample import plain_warnings
+    from minisora.cli.sample import plain_warnings
 
     try:
         with plain_warnings(command):
@@ -119,31 +119,31 @@ def _user_errors(command: str, fn, args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from minisora.sample import run_sample
+    from minisora.cli.sample import run_sample
 
     return _user_errors("sample", run_sample, args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from minisora.sample import run_export
+    from minisora.cli.sample import run_export
 
     return _user_errors("export", run_export, args)
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from minisora.sample import run_merge_lora
+    from minisora.cli.sample import run_merge_lora
 
     return _user_errors("merge-lora", run_merge_lora, args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from minisora.eval.run_eval import run_eval
+    from minisora.cli.eval import run_eval
 
     return _user_errors("eval", run_eval, args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from minisora.plan_report import run_plan
+    from minisora.cli.plan import run_plan
 
     return _user_errors("plan", run_plan, args)
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    from minisora.sample import add_export_args, add_merge_lora_args, add_sample_args
+    from minisora.cli.sample import add_export_args, add_merge_lora_args, add_sample_args
 
     p = sub.add_parser("sample", help="sample videos from a checkpoint, run folder or exported folder")
     add_sample_args(p)
@@ -227,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget "
                        "table; --hours: GPU-hours of a recipe")
-    from minisora.plan_report import add_plan_args
+    from minisora.cli.plan import add_plan_args
 
     add_plan_args(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="FVD and CLIP score of a model's samples (or a folder of videos) vs real clips")
-    from minisora.eval.run_eval import add_eval_args
+    from minisora.cli.eval import add_eval_args
 
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)

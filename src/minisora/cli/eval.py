@@ -170,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     import torch
 
     from minisora.eval.fvd import I3DFeatures, fvd
-    from minisora.sample import default_device, default_dtype
+    from minisora.cli.sample import default_device, default_dtype
 
     num_real, num_fake = _validate(args)
     t0 = time.time()
