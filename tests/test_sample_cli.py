@@ -156,7 +156,7 @@ def test_export_command_round_trip(run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--cfg", "0.5"], "--cfg must be >= 1"),
+        (["--guidance", "0.5"], "--guidance must be >= 1"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--seed", "-3"], "--seed must be >= 0"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),

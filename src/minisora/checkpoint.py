@@ -25,11 +25,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minisora.device import DTYPES
 from minisora.models.lora import is_lora_state, merged_state
 from minisora.models.state_dict import mismatch_report
 
 FORMAT = "minisora-dit-1"  # the `format` metadata of an exported model.safetensors
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HELP = "pass a run folder (runs/<name>), a .ckpt from <run>/checkpoints, or an exported folder (minisora export)"
 
 

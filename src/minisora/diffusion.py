@@ -172,14 +172,14 @@ def _cat_cond(cond: dict, uncond: dict, B: int) -> dict:
     return out
 
 
-def cfg_model(model: Callable, scale: float, cond: dict, uncond: dict, batched: bool = True) -> Callable:
-    """Classifier-free guidance: a velocity callable v_uncond + scale * (v_cond - v_uncond).
+def cfg_model(model: Callable, guidance: float, cond: dict, uncond: dict, batched: bool = True) -> Callable:
+    """Classifier-free guidance: a velocity callable v_uncond + guidance * (v_cond - v_uncond).
 
     batched=True runs cond and uncond as one doubled batch (contexts of different lengths are padded with
-    zeros and mask False); batched=False makes two calls (half the peak memory). scale == 1 is the plain
+    zeros and mask False); batched=False makes two calls (half the peak memory). guidance == 1 is the plain
     conditional call. Condition tensors with batch 1 are broadcast to the batch of x.
     """
-    if scale == 1:
+    if guidance == 1:
         return lambda x, t: model(x, t, **cond)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ def cfg_model(model: Callable, scale: float, cond: dict, uncond: dict, batched: 
         else:
             v_cond = model(x, t, **{k: _expand(v, B) if torch.is_tensor(v) else v for k, v in cond.items()})
             v_uncond = model(x, t, **{k: _expand(v, B) if torch.is_tensor(v) else v for k, v in uncond.items()})
-        return v_uncond + scale * (v_cond - v_uncond)
+        return v_uncond + guidance * (v_cond - v_uncond)
 
     return guided
 

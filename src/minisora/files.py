@@ -1,10 +1,11 @@
 """Crash-safe files: write under a temporary name beside the target, rename when complete, and clean up
-what killed writers left behind. Used by checkpoints and the latent cache."""
+what killed writers left behind. Used by checkpoints and the latent cache; and file names from prompts."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import socket
 from contextlib import contextmanager
@@ -58,3 +59,9 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe version of a prompt (sample files are named after their prompts)."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "empty"

@@ -21,23 +21,12 @@ from einops import rearrange
 
 from minisora import diffusion
 from minisora.conditioning import keep_known, load_frames
+from minisora.device import resolve_dtype
 from minisora.io import to_uint8_frames
 
 # Output pixels per VAE decode call: one 17x256x256 clip, or 64 shapes clips (17x32x32) at once.
 DECODE_PIXELS = 17 * 256 * 256
 SAMPLERS = {"euler": diffusion.sample_euler, "heun": diffusion.sample_heun}
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
-    return DTYPE_NAMES[dtype]
 
 
 def round_to(value: int, multiple: int, offset: int = 0) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from minisora.bench.report import CONFIGS, model_preset, parse_size, reset_peak_rss, rss_mb, write_json
+from minisora.device import resolve_dtype
 
 
 def build(preset: str, size: tuple[int, int, int], dtype: torch.dtype = torch.float32):
@@ -112,7 +113,7 @@ def table(rows: list[dict]) -> str:
 def _child(kind: str, preset: str, tokens_frames: int, height: int, width: int, dtype: str) -> None:
     """In a fresh process: peak RSS growth (MB) of one guided DiT forward or one VAE tile/chunk decode."""
     torch.set_grad_enabled(False)
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dt = resolve_dtype(dtype)
     size = (tokens_frames, height, width)
     pipe, _ = build(preset, size, dt)
     if kind == "dit":

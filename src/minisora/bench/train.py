@@ -39,6 +39,7 @@ import torch
 from minisora import diffusion
 from minisora.bench.flops import dit_train_step_flops, mfu, peak_flops
 from minisora.bench.report import CONFIGS, model_preset, parse_size, write_json
+from minisora.device import default_device, default_dtype
 from minisora.models.dit import VideoDiT
 from minisora.training.lit_dit import build_optimizer
 
@@ -249,10 +250,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = [v for v in args.variants if v != "compile"]  # inductor's first compile takes minutes on CPU
     if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 0:
         parser.error("need --reps >= 1, --warmup >= 0, --batch >= 1, --threads >= 0")
-    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                               "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    args.device = torch.device(default_device() if args.device == "auto" else args.device)
     if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        args.precision = default_dtype(args.device)
     args.context_length = 8 if args.quick else CONTEXT_LENGTH
     try:
         args.todo = variants(args.precision, args.optimizer, args.variants)

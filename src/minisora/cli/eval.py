@@ -49,7 +49,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fake-stride", type=int, default=1, help="read every k-th frame of --fake videos (default 1)")
     p.add_argument("--seed", type=int, default=0, help="picks the real clips; sample i has seed + i (default 0)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--cfg", type=float, help="guidance scale >= 1 (default: the run's sample.guidance)")
+    p.add_argument("--guidance", type=float, help="guidance scale >= 1 (default: the run's sample.guidance)")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--batch-size", type=int, default=8, help="videos sampled and scored at once (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loader processes reading clips (default 2)")
@@ -79,8 +79,8 @@ def _validate(args: argparse.Namespace) -> tuple[int, int]:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.workers < 0:
         raise EvalError(f"--workers must be >= 0, got {args.workers}")
-    if args.cfg is not None and args.cfg < 1:
-        raise EvalError(f"--cfg must be >= 1, got {args.cfg}")
+    if args.guidance is not None and args.guidance < 1:
+        raise EvalError(f"--guidance must be >= 1, got {args.guidance}")
     if args.fake and not Path(args.fake).exists():
         raise EvalError(f"--fake {args.fake}: no such folder or manifest")
     return num_real, num_fake
@@ -170,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     import torch
 
     from minisora.eval.fvd import I3DFeatures, fvd
-    from minisora.cli.sample import default_device, default_dtype
+    from minisora.device import default_device, default_dtype
 
     num_real, num_fake = _validate(args)
     t0 = time.time()
@@ -313,7 +313,7 @@ def _sampling(pipe, args: argparse.Namespace) -> dict:
     T = max(args.frames, pipe.defaults["num_frames"])
     T, H, W = pipe.valid_size(T, pipe.defaults["height"], pipe.defaults["width"])
     return {"steps": args.steps or sample_cfg.get("steps", 25),
-            "guidance": args.cfg if args.cfg is not None else sample_cfg.get("guidance", 4.0),
+            "guidance": args.guidance if args.guidance is not None else sample_cfg.get("guidance", 4.0),
             "sampler": args.sampler, "sampled_size": [T, H, W]}  # fmt: skip
 
 
@@ -369,3 +369,15 @@ def _report(result: dict) -> str:
         lines.append(f"sampled {T}x{H}x{W} from {s['checkpoint']} ({s['weights']} weights), {s['steps']} "
                      f"{s['sampler']} steps, guidance {s['guidance']:g}, seeds {seeds}")  # fmt: skip
     return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minisora.cli.common import user_errors
+
+    return user_errors("eval", run_eval, args)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="FVD and CLIP score of a model's samples (or a folder of videos) vs real clips")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)

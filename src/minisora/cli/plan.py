@@ -243,3 +243,16 @@ def run_plan(args: argparse.Namespace) -> None:
                args.text_tokens, args.text_dim, args.device, lora_rank=args.lora_rank,
                lora_targets=args.lora_targets)  # fmt: skip
     print(json.dumps(res, indent=1) if args.json else format_plan(res))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from minisora.cli.common import user_errors
+
+    return user_errors("plan", run_plan, args)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("plan", help="predict peak GPU memory of training and sampling; --tokens: token budget "
+                       "table; --hours: GPU-hours of a recipe")
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)

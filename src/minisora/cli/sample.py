@@ -1,7 +1,7 @@
 """`minisora sample` and `minisora export`: checkpoints to mp4 files and to shareable folders.
 
     minisora sample                                   # after `make train`: default prompts from runs/shapes
-    minisora sample --ckpt runs/shapes --prompt "a red circle moving left" --steps 30 --cfg 4 --seed 1 --gif
+    minisora sample --ckpt runs/shapes --prompt "a red circle moving left" --steps 30 --guidance 4 --seed 1 --gif
     minisora sample --image first.png --prompt "a blue square moving up"       # image-to-video
     minisora sample --video clip.mp4 --keep-frames 5 --prompt "..."             # continue a clip
     minisora export --ckpt runs/shapes --out exported/shapes --dtype bf16
@@ -13,14 +13,13 @@ Files are named after their prompts and never overwrite an existing file unless 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
+
+from minisora.cli.common import user_errors
+from minisora.files import slug
 
 DEFAULT_CKPT = "runs/shapes"  # the run `make train` writes
 DEFAULT_OUT = "samples"
@@ -30,12 +29,6 @@ DEFAULT_PROMPTS = ["a red circle moving left", "a blue square moving up", "a gre
 
 class SampleError(ValueError):
     """A bad command-line value for sample/export; the message names the option and what is valid."""
-
-
-def slug(prompt: str, limit: int = 60) -> str:
-    """A file-name-safe version of a prompt."""
-    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return s[:limit].rstrip("-") or "empty"
 
 
 def output_paths(out: Path, prompts: list[str], suffix: str = ".mp4", overwrite: bool = False) -> list[Path]:
@@ -86,8 +79,8 @@ def validate(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.cfg is not None and args.cfg < 1:
-        raise SampleError(f"--cfg must be >= 1 (1 = no guidance, 3-5 is typical), got {args.cfg}")
+    if args.guidance is not None and args.guidance < 1:
+        raise SampleError(f"--guidance must be >= 1 (1 = no guidance, 3-5 is typical), got {args.guidance}")
     if args.seed < 0:
         raise SampleError(f"--seed must be >= 0, got {args.seed}")
     if args.fps is not None and args.fps <= 0:
@@ -106,28 +99,6 @@ def validate(args: argparse.Namespace) -> None:
             raise SampleError(f"--{name} {path}: file not found")
     if getattr(args, "strip", None) and Path(args.strip).suffix.lower() != ".png":
         raise SampleError(f"--strip {args.strip}: the strip is a PNG image; give a path ending in .png")
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> str:
-    """bf16 on a GPU that supports it (half the DiT memory), else fp32 (bf16 is slower on most CPUs)."""
-    import torch
-
-    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-
-
-@contextlib.contextmanager
-def plain_warnings(command: str) -> Iterator[None]:
-    """Show warnings (sizes rounded, ...) as one line each instead of Python's file:line format."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda msg, *a, **k: print(f"minisora {command}: warning: {msg}", file=sys.stderr)
-        yield
 
 
 def aspect_size(pipe, aspect: str, resolution: str | None, frames: int) -> tuple[int, int]:
@@ -163,6 +134,7 @@ def trained_size_note(pipe, T: int, H: int, W: int) -> str | None:
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
+    from minisora.device import default_device, default_dtype
     from minisora.io import save_video, write_strips
     from minisora.pipeline import TextToVideoPipeline
 
@@ -181,7 +153,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     sample_cfg = pipe.config.get("sample", {})
     prompts = prompts or list(sample_cfg.get("prompts") or DEFAULT_PROMPTS)
     steps = args.steps or sample_cfg.get("steps", 25)
-    cfg = args.cfg if args.cfg is not None else sample_cfg.get("guidance", 4.0)
+    guidance = args.guidance if args.guidance is not None else sample_cfg.get("guidance", 4.0)
     fps = args.fps or pipe.fps
     T = args.frames or pipe.defaults["num_frames"]
     H, W = args.height or pipe.defaults["height"], args.width or pipe.defaults["width"]
@@ -193,9 +165,9 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         print(f"minisora sample: {note}", file=sys.stderr)
     seeds = f"{args.seed}..{args.seed + len(prompts) - 1}"
     print(f"minisora sample: {pipe.checkpoint} on {device} ({pipe.dtype}); {len(prompts)} video(s) of {T}x{H}x{W} "
-          f"at {fps:g} fps, {steps} {args.sampler} steps, cfg {cfg:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
+          f"at {fps:g} fps, {steps} {args.sampler} steps, guidance {guidance:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
     videos = pipe(
-        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=cfg, sampler=args.sampler, seed=args.seed,
+        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=guidance, sampler=args.sampler, seed=args.seed,
         batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
         batched_cfg=not args.no_cfg_batch, progress=True,
     )  # fmt: skip
@@ -214,7 +186,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from minisora.checkpoint import DTYPES, export_checkpoint
+    from minisora.checkpoint import export_checkpoint
+    from minisora.device import DTYPES
 
     if args.dtype not in DTYPES:
         raise SampleError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
@@ -238,7 +211,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="width in pixels (default: the training width)")
     p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
@@ -295,3 +268,29 @@ def add_merge_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for config.yaml, model.safetensors, vae.safetensors")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    return user_errors("sample", run_sample, args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return user_errors("export", run_export, args)
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    return user_errors("merge-lora", run_merge_lora, args)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sample", help="sample videos from a checkpoint, run folder or exported folder")
+    add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a checkpoint to safetensors + config.yaml (no Lightning, no pickle)")
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base: an exported folder with merged weights")
+    add_merge_lora_args(p)
+    p.set_defaults(func=cmd_merge_lora)

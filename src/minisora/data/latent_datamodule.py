@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from minisora.data.bucket_sampler import BucketBatches
+from minisora.device import default_device
 from minisora.data.buckets import Bucket
 from minisora.data.datamodule import VideoDataModule, fetch_clips
 from minisora.data.latent_store import LatentRows, LatentStore, read_rows
@@ -121,7 +122,7 @@ class LatentDataModule(L.LightningDataModule):
         assignment = video.assign(records)
         buckets, datasets = video.bucket_datasets(records, assignment, train=self.clips_per_video > 1,
                                                   repeat=self.clips_per_video)  # fmt: skip
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         options = dataclasses.replace(video.loader_options, persistent_workers=False)  # one pass per bucket
         t0, built, skipped = time.time(), [], dict(assignment.skipped)
         # Token-scaled over all buckets (small clips encode in larger batches), then one loader per bucket.

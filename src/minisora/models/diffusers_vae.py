@@ -25,11 +25,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from minisora.device import resolve_dtype
 from minisora.models.autoencoder import Autoencoder, save_autoencoder
 
 # kind -> the diffusers class it wraps.
 DIFFUSERS_CLASSES = {"ltx": "AutoencoderKLLTXVideo", "wan": "AutoencoderKLWan", "sd": "AutoencoderKL"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Frames per call of a per-frame image VAE: bounds memory (a 17x256x256 clip is 17 images) without a call per frame.
 FRAMES_PER_CALL = 16
 INSTALL_HINT = "pip install -e .[diffusers]"
@@ -45,15 +45,6 @@ def require_diffusers() -> Any:
             f"{INSTALL_HINT}  (or pip install 'diffusers>=0.33'); import failed: {e}"
         ) from None
     return diffusers
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """'auto' = bfloat16 when a CUDA GPU is present (halves weight memory, as the models were released), else float32."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _check_kind(kind: str) -> None:

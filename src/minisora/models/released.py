@@ -23,7 +23,8 @@ from torch import nn
 
 from minisora import diffusion
 from minisora.models.diffusers_folder import LTX, WAN22, FolderInfo, describe
-from minisora.models.diffusers_vae import DiffusersVAE, compression, require_diffusers, resolve_dtype
+from minisora.device import resolve_dtype
+from minisora.models.diffusers_vae import DiffusersVAE, compression, require_diffusers
 from minisora.models.t5_text import T5TextEncoder
 
 # How each pipeline encodes prompts (see t5_text.py): Wan masks the encoder and zero-pads, LTX-Video does neither.

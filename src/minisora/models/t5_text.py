@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minisora.models.diffusers_vae import resolve_dtype
+from minisora.device import resolve_dtype
 from minisora.models.text import FrozenTextEncoder
 
 # transformers' config model_type -> the encoder-only class that loads it.

@@ -11,7 +11,7 @@ import torch
 
 from minisora.io import film_strip, save_video
 from minisora.pipeline import TextToVideoPipeline
-from minisora.cli.sample import slug
+from minisora.files import slug
 
 
 def shapes_eval(pipe: TextToVideoPipeline, out: Path, *, samples_per_prompt: int, fps: float, **kw) -> dict:

@@ -33,12 +33,10 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def precision(value: str) -> str:
-    """'auto' = bf16 autocast where the GPU supports it (Ampere and newer), else full fp32."""
-    if value != "auto":
-        return value
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    """'auto' = device.default_precision: bf16 autocast where the GPU supports it, else full fp32."""
+    from minisora.device import default_precision
+
+    return default_precision() if value == "auto" else value
 
 
 def devices(value: str) -> Any:
@@ -251,7 +249,9 @@ def describe_dit(cfg: DictConfig, model, vae, lit, buckets: list | None = None) 
     C, t, h, w = vae.latent_shape(T, H, W)
     tokens = model.tokens(t, h, w)
     pt, ph, pw = model.patch_size
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from minisora.device import default_device
+
+    dev = default_device()
     clip = f"clip 3x{T}x{H}x{W} -> latent {C}x{t}x{h}x{w} -> {tokens} tokens"
     if buckets:  # sizes vary per batch: name the range (minisora data-stats lists them all)
         big, small = buckets[0], buckets[-1]
