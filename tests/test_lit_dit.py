@@ -17,7 +17,8 @@ from minisora.data.latent_datamodule import LatentDataModule
 from minisora.data.latents import build_cache, write_cache_index
 from minisora.models.dit import VideoDiT
 from minisora.models.text import TextEncoder
-from minisora.training.lit_dit import LitVideoDiT, build_optimizer, lr_lambda
+from minisora.training.lit_dit import LitVideoDiT
+from minisora.training.optim import build_optimizer, lr_lambda
 
 CAPTIONS = ("a red pattern", "a blue pattern")
 LATENT = (4, 5, 8, 8)  # (C, t, h, w): 5 * 4 * 4 = 80 tokens with patch 1x2x2
@@ -108,7 +109,7 @@ def fixed_loss(lit: LitVideoDiT, text: TextEncoder) -> float:
 def test_loss_falls_on_a_fixed_synthetic_dataset(text, tmp_path):
     L.seed_everything(0, verbose=False)
     key = synthetic_cache(tmp_path, text, n=8)
-    lit = tiny_lit(text, lr=1e-2, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    lit = tiny_lit(text, lr=1e-2, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
     before = fixed_loss(lit, text)
     rec = Recorder()
     trainer(40, [rec]).fit(lit, datamodule=datamodule(tmp_path, key, batch_size=8))
@@ -222,9 +223,9 @@ def test_optimizer_choice_and_lr_schedule():
     with pytest.raises(ValueError, match="'sgd'"):
         build_optimizer(params, "sgd", lr=1e-3, weight_decay=0.0, betas=[0.9, 0.99])
 
-    constant = lr_lambda(warmup_steps=10, schedule="constant", total_steps=100, min_lr_ratio=0.1)
+    constant = lr_lambda(warmup_steps=10, lr_schedule="constant", total_steps=100, min_lr_ratio=0.1)
     assert [constant(s) for s in (0, 4, 9, 10, 50, 1000)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 1.0])
-    cosine = lr_lambda(warmup_steps=10, schedule="cosine", total_steps=110, min_lr_ratio=0.1)
+    cosine = lr_lambda(warmup_steps=10, lr_schedule="cosine", total_steps=110, min_lr_ratio=0.1)
     assert [cosine(s) for s in (0, 9, 10, 60, 110, 500)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
     assert cosine(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
 

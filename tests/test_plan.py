@@ -247,7 +247,7 @@ import ctypes, gc, json, sys, torch
 from minisora import diffusion
 from minisora.bench.report import reset_peak_rss, rss_mb
 from minisora.models.dit import VideoDiT
-from minisora.training.lit_dit import build_optimizer
+from minisora.training.optim import build_optimizer
 torch.set_num_threads(1)
 
 def steps(args, latent, n):

@@ -41,7 +41,7 @@ from minisora.bench.flops import dit_train_step_flops, mfu, peak_flops
 from minisora.bench.report import CONFIGS, model_preset, parse_size, write_json
 from minisora.device import default_device, default_dtype
 from minisora.models.dit import VideoDiT
-from minisora.training.lit_dit import build_optimizer
+from minisora.training.optim import build_optimizer
 
 # The autoencoder the latent sizes assume (configs/experiments/t2v256.yaml): 4x time, 8x space, 16 channels.
 LATENT_CHANNELS, TEMPORAL, SPATIAL = 16, 4, 8

@@ -8,7 +8,6 @@ automatic optimization, so gradient clipping, accumulation and mixed precision w
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable
 
@@ -21,10 +20,9 @@ from torch.func import functional_call
 
 from minisora.eval.metrics import psnr, ssim
 from minisora.models.autoencoder import Autoencoder
+from minisora.training.optim import check_optim, configure_optim
 
-OPTIMIZERS = ("adamw8bit", "adamw")
 RECON_LOSSES = ("l1", "mse")
-SCHEDULES = ("constant", "cosine")
 
 
 class PerceptualLoss(nn.Module):
@@ -192,6 +190,7 @@ class LitAutoencoder(L.LightningModule):
         optimizer: str = "adamw8bit",
         lr_schedule: str = "cosine",
         warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
         recon_loss: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
@@ -203,10 +202,7 @@ class LitAutoencoder(L.LightningModule):
         latent_stats_batches: int = 50,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
+        check_optim(optimizer, lr_schedule, warmup_steps, min_lr_ratio)
         if recon_loss not in RECON_LOSSES:
             raise ValueError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {recon_loss!r}")
         if betas is not None and len(betas) != 2:
@@ -222,28 +218,12 @@ class LitAutoencoder(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        betas = tuple(hp.betas) if hp.betas is not None else (0.9, 0.99)
         groups = [{"params": [p for p in self.vae.parameters() if p.requires_grad], "lr": hp.lr}]
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters()), "lr": hp.disc_lr or hp.lr})
-        if hp.optimizer == "adamw8bit":
-            from bitsandbytes.optim import AdamW8bit
-
-            opt = AdamW8bit(groups, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
-
-        def factor(step: int) -> float:  # linear warmup, then constant or cosine decay to 0 at the last step
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant":
-                return 1.0
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_optim(self, groups, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                               betas=hp.betas, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule,
+                               min_lr_ratio=hp.min_lr_ratio)  # fmt: skip
 
     def on_train_start(self) -> None:
         n_vae = sum(p.numel() for p in self.vae.parameters())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import re
 from typing import Any
 
@@ -15,35 +14,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
 from minisora.models.dit import VideoDiT
+from minisora.training.optim import check_optim, configure_optim
 from minisora.training.strategy import ShardedStrategy
 
-OPTIMIZERS = ("adamw8bit", "adamw")
 T_BUCKETS = 4  # loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
-
-
-def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, betas: list[float]):
-    """AdamW8bit keeps 2 bytes of state per parameter instead of 8 (bitsandbytes blockwise quantisation)."""
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adamw8bit' or 'adamw', got {name!r}")
-
-
-def lr_lambda(warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float):
-    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -79,7 +53,7 @@ class LitVideoDiT(L.LightningModule):
         betas: list[float] | None = None,
         optimizer: str = "adamw8bit",
         warmup_steps: int = 100,
-        schedule: str = "constant",  # "constant" | "cosine"
+        lr_schedule: str = "constant",  # "constant" | "cosine"
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.999,
         caption_dropout: float = 0.1,
@@ -96,10 +70,7 @@ class LitVideoDiT(L.LightningModule):
         super().__init__()
         if prediction not in ("v", "x0"):
             raise ValueError(f"prediction must be 'v' or 'x0', got {prediction!r}")
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        check_optim(optimizer, lr_schedule, warmup_steps, min_lr_ratio)
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if max_bad_steps < 1:
@@ -119,7 +90,7 @@ class LitVideoDiT(L.LightningModule):
         self.register_buffer("null_context", null_context, persistent=False)  # (L, D)
         self.register_buffer("null_mask", null_mask, persistent=False)  # (L,)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, list(betas or [0.9, 0.99])
-        self.optimizer_name, self.warmup_steps, self.schedule, self.min_lr_ratio = optimizer, warmup_steps, schedule, min_lr_ratio
+        self.optimizer_name, self.warmup_steps, self.lr_schedule, self.min_lr_ratio = optimizer, warmup_steps, lr_schedule, min_lr_ratio
         self.caption_dropout, self.prediction = caption_dropout, prediction
         self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
         self.compile, self.seed = compile, seed
@@ -308,12 +279,9 @@ class LitVideoDiT(L.LightningModule):
     def configure_optimizers(self):
         # Trainable only: LoRA adapters (DiT and text tower) or the blocks not frozen; never the EMA copy.
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = build_optimizer(params, self.optimizer_name, self.lr, self.weight_decay, self.betas)
-        total = self._trainer.max_steps if self._trainer is not None and self._trainer.max_steps > 0 else 10**6
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.warmup_steps, self.schedule, total, self.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return configure_optim(self, params, optimizer=self.optimizer_name, lr=self.lr, weight_decay=self.weight_decay,
+                               betas=self.betas, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+                               min_lr_ratio=self.min_lr_ratio)  # fmt: skip
 
     @property
     def net(self) -> torch.nn.Module:
