@@ -32,7 +32,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         "name=buckets", f"run_dir={out / 'runs'}", f"latents.cache_root={out / 'cache'}",
         f"data.path={out / 'data' / 'manifest.csv'}", f"shapes.variants=[{','.join(VARIANTS)}]",
         f"shapes.num={args.clips}", f"trainer.max_steps={args.train_steps}", *BUCKETS,
-        "sample.every_n_steps=0", "sample.shapes_eval=false", "trainer.enable_progress_bar=false",
+        "sample.every_n_steps=0", "shapes_eval=null", "trainer.enable_progress_bar=false",
         "vae_trainer.enable_progress_bar=false", *args.extra,
     ]  # fmt: skip
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from minisora.config import load_config
     from minisora.pipeline import TextToVideoPipeline
     from minisora.training.run import run_dir, run_pipeline
-    from minisora.training.preview import shapes_eval
+    from minisora.eval.shapes import score_pipeline
 
     cfg = load_config(ROOT / "configs/shapes.yaml", overrides(args))
     t0 = time.time()
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"seconds_train": seconds, "buckets": {}}
     for bucket in buckets(cfg, pipe):
         t1 = time.time()
-        m = shapes_eval(pipe, Path(args.out) / "eval" / bucket.name, samples_per_prompt=args.seeds, fps=8, seed=0,
-                        steps=args.steps, guidance=cfg.sample.guidance, num_frames=bucket.frames,
-                        height=bucket.height, width=bucket.width)  # fmt: skip
+        m = score_pipeline(pipe, Path(args.out) / "eval" / bucket.name, samples_per_prompt=args.seeds, fps=8, seed=0,
+                           steps=args.steps, guidance=cfg.sample.guidance, num_frames=bucket.frames,
+                           height=bucket.height, width=bucket.width)  # fmt: skip
         results["buckets"][bucket.name] = {**m, "aspect": bucket.aspect, "tokens": bucket.tokens,
                                            "seconds": round(time.time() - t1)}  # fmt: skip
     results["args"] = {k: v for k, v in vars(args).items() if k != "json"}

@@ -47,14 +47,14 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         *common(out), "name=base", f"data.path={out / 'data-base' / 'manifest.csv'}",
         f"shapes.colors=[{','.join(others)}]",
         f"shapes.num={args.base_clips}", f"trainer.max_steps={args.base_steps}", "sample.every_n_steps=0",
-        "sample.shapes_eval=false", *([f"vae_weights={args.vae}"] if args.vae else []), *args.base_args,
+        "shapes_eval=null", *([f"vae_weights={args.vae}"] if args.vae else []), *args.base_args,
     ]  # fmt: skip
 
 
 def lora_overrides(args: argparse.Namespace, base: Path, data: Path) -> list[str]:
     """configs/finetune/lora.yaml plus these: the LoRA run on the held-out colour's clips."""
     return [*common(Path(args.out)), "name=lora", f"init_from={base}", f"data.path={data}",
-            f"trainer.max_steps={args.lora_steps}", "sample.shapes_eval=false", *LORA_DEFAULTS,
+            f"trainer.max_steps={args.lora_steps}", "shapes_eval=null", *LORA_DEFAULTS,
             *args.lora_args]  # fmt: skip
 
 

@@ -16,13 +16,13 @@ from minisora.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 # The shared tiny run's overrides, with periodic sampling and the shapes score switched on.
-TINY = [o for o in TINY_RUN if not o.startswith(("name=", "sample.", "trainer.max_steps", "shapes.num"))] + [
+TINY = [o for o in TINY_RUN if not o.startswith(("name=", "sample.", "trainer.max_steps", "shapes.num", "shapes_eval"))] + [
     "shapes.num=24",
     "trainer.max_steps=6",
     "sample.every_n_steps=3",
     "sample.steps=2",
-    "sample.shapes_eval=true",
-    "sample.samples_per_prompt=1",
+    "shapes_eval.every_n_steps=0",
+    "shapes_eval.samples_per_prompt=1",
 ]
 
 

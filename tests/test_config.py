@@ -85,11 +85,36 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
-def test_base_is_one_level_only(tmp_path):
-    write(tmp_path, "a.yaml", "base: b.yaml\n")
-    write(tmp_path, "b.yaml", "seed: 1\n")
-    with pytest.raises(ConfigError, match="one level"):
-        load_config(write(tmp_path, "exp.yaml", "base: a.yaml\n"))
+def test_bases_nest_and_a_cycle_names_its_files(tmp_path):
+    write(tmp_path, "b.yaml", "seed: 1\ntrainer: {max_steps: 5, log_every_n_steps: 2}\n")
+    write(tmp_path, "a.yaml", "base: b.yaml\ntrainer: {max_steps: 6}\n")
+    cfg = load_config(write(tmp_path, "exp.yaml", "base: a.yaml\ntrainer: {log_every_n_steps: 3}\n"))
+    assert (cfg.seed, cfg.trainer.max_steps, cfg.trainer.log_every_n_steps) == (1, 6, 3)  # b <- a <- exp
+    write(tmp_path, "b.yaml", "base: exp.yaml\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: 'base' files form a cycle: .*exp.yaml -> .*a.yaml -> .*b.yaml -> .*exp.yaml"):
+        load_config(tmp_path / "exp.yaml")
+    with pytest.raises(ConfigError, match="exp2.yaml: base file 'nope.yaml' not found"):
+        load_config(write(tmp_path, "exp2.yaml", "base: nope.yaml\n"))
+
+
+@pytest.mark.parametrize("layer, new", [
+    ("dit_train: {schedule: cosine}", "dit_train.lr_schedule"),
+    ("sample: {shapes_eval: true}", "shapes_eval"),
+    ("sample: {samples_per_prompt: 2}", "shapes_eval.samples_per_prompt"),
+])  # fmt: skip
+def test_a_renamed_key_names_its_new_name(tmp_path, layer, new):
+    old = layer.replace(": {", ".").split(":")[0]
+    with pytest.raises(ConfigError, match=f"old.yaml: '{old}' was renamed; use {new}"):
+        load_config(write(tmp_path, "old.yaml", layer + "\n"))
+    key, value = old, layer.split(": ")[-1].rstrip("}")
+    with pytest.raises(ConfigError, match=rf"command line \({key}\): '{old}' was renamed; use {new}"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_stage_seeds_follow_the_top_level_seed_unless_set():
+    cfg = load_config(ROOT / "configs" / "shapes.yaml", ["seed=7", "latents.seed=3"])
+    seeds = {s: cfg[s].seed for s in ("data", "text", "latents", "dit_train", "sample", "shapes")}
+    assert seeds == {"data": 7, "text": 7, "latents": 3, "dit_train": 7, "sample": 7, "shapes": 7}
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -250,7 +250,7 @@ def test_run_pipeline_on_a_pretrained_vae(folders, tmp_path, monkeypatch):
         "text.width=32", "text.layers=1", "text.heads=1", "model.hidden_size=32", "model.depth=1",
         "model.num_heads=2", "model.patch_size=[1,1,1]", "latents.batch_size=4", "trainer.max_steps=2",
         "trainer.val_check_interval=2", "trainer.checkpoint_every=2", "trainer.enable_progress_bar=false",
-        "sample.every_n_steps=0", "sample.steps=2", "sample.shapes_eval=false",
+        "sample.every_n_steps=0", "sample.steps=2", "shapes_eval=null",
     ]  # fmt: skip
     run_pipeline(load_config(ROOT / "configs/shapes.yaml", overrides))
     vae_file = tmp_path / "runs/ltx/vae/vae.safetensors"

@@ -37,7 +37,7 @@ TINY_RUN = [
     "trainer.enable_progress_bar=false",
     "sample.every_n_steps=0",
     "sample.steps=2",
-    "sample.shapes_eval=false",
+    "shapes_eval=null",
 ]
 _BUILT: dict[str, Path] = {}
 

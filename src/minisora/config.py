@@ -2,8 +2,9 @@
 
 Each section's keys are exactly the constructor arguments of the class it configures
 (`VideoDiT(**cfg.model)`), so the schema is derived from that signature instead of being
-written twice. Files merge as: schema defaults -> the files listed under `base:` -> the
-experiment file -> command-line `key=value` overrides.
+written twice. Files merge as: schema defaults -> the files listed under `base:` (each may have
+its own base) -> the experiment file -> command-line `key=value` overrides. One top-level `seed`
+sets every stage's seed unless a section sets its own.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class TrainerConfig:
 
 
 def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
-    """A dataclass whose fields are the annotated keyword arguments of `cls.__init__`."""
+    """A dataclass whose fields are the annotated keyword arguments of `cls.__init__`.
+
+    A `seed` argument becomes optional with default null: load_config fills it from the top-level seed.
+    """
     fn = cls.__init__ if isinstance(cls, type) else cls
     sig = inspect.signature(fn)
     hints = inspect.get_annotations(fn, eval_str=True)
@@ -59,6 +63,9 @@ def _section_schema(cls: type, skip: tuple[str, ...] = ()) -> type:
         if name not in hints:
             raise TypeError(f"{cls.__qualname__}: argument {name!r} needs a type annotation to be configurable")
         default = p.default
+        if name == "seed":
+            fields.append((name, int | None, field(default=None)))
+            continue
         if default is inspect.Parameter.empty:
             spec = field(default=dataclasses.MISSING)
         elif isinstance(default, (list, dict)):
@@ -80,7 +87,7 @@ def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from minisora.models.text import TextEncoder
     from minisora.training.lit_autoencoder import LitAutoencoder
     from minisora.training.lit_dit import LitVideoDiT
-    from minisora.training.preview import SampleVideos
+    from minisora.training.preview import PreviewSamples
 
     return {
         "data": (VideoDataModule, ("buckets", "geometry")),
@@ -90,7 +97,7 @@ def _sections() -> dict[str, tuple[Any, tuple[str, ...]]]:
         "model": (VideoDiT, ()),
         "latents": (LatentDataModule, ("video", "vae", "text_encoder")),
         "dit_train": (LitVideoDiT, ("model", "null_context", "null_mask", "text_encoder")),
-        "sample": (SampleVideos, ("vae", "text_encoder", "folder")),
+        "sample": (PreviewSamples, ("vae", "text_encoder", "folder")),
     }
 
 
@@ -100,7 +107,7 @@ def schema() -> type:
     fields: list[tuple[str, Any, Any]] = [
         ("name", str, field(default="shapes")),  # run folder: <run_dir>/<name>
         ("run_dir", str, field(default="runs")),
-        ("seed", int, field(default=0)),
+        ("seed", int, field(default=0)),  # every section's seed unless it sets its own
         ("vae_weights", str | None, field(default=None)),  # a trained autoencoder file; None: train one in the run
         ("init_from", str | None, field(default=None)),  # DiT weights to start a fine-tune from (weights only)
         ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
@@ -111,12 +118,16 @@ def schema() -> type:
         fields.append((section, sch, field(default_factory=sch)))
     from minisora.data.buckets import BucketSpec
     from minisora.data.shapes import make_shapes
+    from minisora.eval.shapes import ShapesEval
     from minisora.models.lora import lora_settings
 
     # Native aspect ratios and durations in buckets (data/buckets.py); null: every clip at data's one size.
     fields.append(("buckets", _section_schema(BucketSpec) | None, field(default=None)))
     # Options of the synthetic dataset written next to data.path; null for real data.
     fields.append(("shapes", _section_schema(make_shapes, ("out", "force")) | None, field(default=None)))
+    # The shapes demo's score during and after training (sampling settings from `sample`); null for other data.
+    skip = ("vae", "text_encoder", "folder", "steps", "guidance", "sampler", "seed", "fps")
+    fields.append(("shapes_eval", _section_schema(ShapesEval, skip) | None, field(default=None)))
     # LoRA fine-tuning of the DiT (configs/finetune/lora.yaml); null trains every weight.
     fields.append(("lora", _section_schema(lora_settings) | None, field(default=None)))
     from minisora.models.diffusers_vae import import_pretrained_vae  # imports diffusers only when a model is built
@@ -159,35 +170,79 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise _explain(e, source) from None
 
 
+# Keys that were renamed or moved: a config that still uses one gets an error naming the new key, not a silent default.
+RENAMED = {
+    "dit_train.schedule": "dit_train.lr_schedule",
+    "sample.shapes_eval": "shapes_eval (a section: shapes_eval.samples_per_prompt, shapes_eval.every_n_steps; "
+    "null switches the shapes score off)",
+    "sample.samples_per_prompt": "shapes_eval.samples_per_prompt",
+}
+
+
+def _check_renamed(layer: DictConfig, source: str) -> None:
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        node = layer.get(section)
+        if isinstance(node, DictConfig) and key in node:
+            raise ConfigError(f"{source}: '{old}' was renamed; use {new}")
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:
+    """A file's layers, lowest first: its `base:` files (each with its own bases, depth first), then the file."""
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: 'base' files form a cycle: {cycle}")
+    layer = _read_yaml(path)
+    bases = layer.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    layers: list[tuple[DictConfig, str]] = []
+    for b in bases:
+        bpath = (path.parent / b) if (path.parent / b).is_file() else CONFIG_ROOT / b
+        if not bpath.is_file():
+            raise ConfigError(f"{path}: base file {b!r} not found (looked in {path.parent} and {CONFIG_ROOT})")
+        layers += _file_layers(bpath, (*chain, path.resolve()))
+    _check_renamed(layer, str(path))
+    return [*layers, (layer, str(path))]
+
+
 def _layers(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> list[tuple[DictConfig, str]]:
     """The config layers above the schema, lowest first: `base:` files, the experiment file, each override."""
-    layers: list[tuple[DictConfig, str]] = []
-    if path is not None:
-        path = Path(path)
-        layer = _read_yaml(path)
-        bases = layer.pop("base", None) or []
-        if isinstance(bases, str):
-            bases = [bases]
-        for b in bases:
-            bpath = (path.parent / b) if (path.parent / b).is_file() else CONFIG_ROOT / b
-            blayer = _read_yaml(bpath)
-            if "base" in blayer:
-                raise ConfigError(f"{bpath}: a base file cannot have its own 'base' (one level only)")
-            layers.append((blayer, str(bpath)))
-        layers.append((layer, str(path)))
+    layers = _file_layers(Path(path)) if path is not None else []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. trainer.max_steps=100)")
         key = item.split("=", 1)[0]
         try:
-            layers.append((OmegaConf.from_dotlist([item]), f"command line ({key})"))
+            layer = OmegaConf.from_dotlist([item])
         except Exception as e:  # OmegaConf's own errors and yaml's scanner errors (e.g. "a:b" inside {...})
             raise ConfigError(f"command line: cannot parse {item!r}: {str(e).splitlines()[0]}") from None
+        _check_renamed(layer, f"command line ({key})")
+        layers.append((layer, f"command line ({key})"))
     return layers
 
 
 # Keys of a base run's config that describe that run, not the model a fine-tune continues.
 NOT_INHERITED = ("name", "run_dir", "init_from", "shapes", "lora", "vae_weights")
+
+
+def _migrate(config: dict) -> dict:
+    """A stored run config with this version's key names: renamed keys moved, seeds the base derived dropped.
+
+    Checkpoints written before a rename still fine-tune; a stage seed equal to the base's top-level seed was
+    derived from it, so the fine-tune's own `seed` derives it again.
+    """
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    dit, sample = config.get("dit_train") or {}, config.get("sample") or {}
+    if "schedule" in dit:
+        dit["lr_schedule"] = dit.pop("schedule")
+    samples_per_prompt = sample.pop("samples_per_prompt", 1)
+    if sample.pop("shapes_eval", False):
+        config["shapes_eval"] = {"samples_per_prompt": samples_per_prompt, "every_n_steps": sample.get("every_n_steps", 0)}
+    for node in config.values():
+        if isinstance(node, dict) and node.get("seed") == config.get("seed"):
+            node.pop("seed")
+    return config
 
 
 def finetune_base(init_from: str) -> tuple[DictConfig, str]:
@@ -202,7 +257,7 @@ def finetune_base(init_from: str) -> tuple[DictConfig, str]:
         ckpt = load_checkpoint(init_from)
     except CheckpointError as e:
         raise ConfigError(f"init_from: {e}") from None
-    base = {k: v for k, v in ckpt.config.items() if k not in NOT_INHERITED}
+    base = {k: v for k, v in _migrate(ckpt.config).items() if k not in NOT_INHERITED}
     base["vae_weights"] = str(ckpt.vae_path)  # the base's latent space: the DiT only works on it
     return OmegaConf.create(base), f"init_from {ckpt.source} (its run config)"
 
@@ -238,6 +293,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = OmegaConf.structured(schema())
         for layer, source in [base, *layers]:
             cfg = _merge(cfg, _replacing(cfg, layer, source), source)
+    for node in cfg.values():  # stage seeds not set in any layer follow the top-level seed
+        if isinstance(node, DictConfig) and "seed" in node and node.seed is None:
+            node.seed = cfg.seed
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")

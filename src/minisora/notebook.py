@@ -12,22 +12,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# `make train` settings cut to a few CPU minutes: the samples show colour, not yet reliable motion.
-QUICK = ["vae_trainer.max_steps=300", "trainer.max_steps=1000", "trainer.val_check_interval=250",
-         "sample.every_n_steps=500", "sample.shapes_eval=false"]  # fmt: skip
-# Seconds instead of minutes, for the test suite (MINISORA_NOTEBOOK_TINY=1): garbage videos, same code path.
-TINY = [
-    "shapes.num=12", "data.batch_size=4", "data.num_workers=0", "vae.base_channels=8", "vae_trainer.max_steps=2",
-    "vae_trainer.enable_progress_bar=false", "vae_train.latent_stats_batches=2", "text.width=32", "text.layers=1",
-    "text.heads=1", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "latents.batch_size=4",
-    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.checkpoint_every=3", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "sample.every_n_steps=0", "sample.steps=2", "sample.shapes_eval=false",
-]  # fmt: skip
-
 
 def tiny() -> bool:
     """True when the test suite runs a notebook (MINISORA_NOTEBOOK_TINY=1)."""
     return os.environ.get("MINISORA_NOTEBOOK_TINY") == "1"
+
+
+def config() -> Path:
+    """The notebooks' config: configs/notebooks/tiny.yaml under the test suite, else quick.yaml (base: shapes.yaml)."""
+    return project_root() / "configs" / "notebooks" / ("tiny.yaml" if tiny() else "quick.yaml")
 
 
 def project_root() -> Path:

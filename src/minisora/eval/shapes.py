@@ -3,15 +3,18 @@
 Colour: a brightness-weighted vote of the foreground pixels for their nearest palette colour.
 Direction: the displacement of the foreground centroid between the first and the last frames.
 Ground-truth clips score 1.0 on both, also after an H.264 round trip (tests/test_eval_shapes.py).
+ShapesEval scores a model during and after training; configs/shapes.yaml switches it on (section shapes_eval).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -223,3 +226,101 @@ def evaluate_manifest(manifest: str | Path, **kwargs) -> ShapesReport:
         rows = list(reader)
     results = [evaluate_clip(read_clip(manifest.parent / r["path"]), r["caption"], **kwargs) for r in rows]
     return ShapesReport(results)
+
+
+def score_pipeline(pipe, out: Path, *, samples_per_prompt: int, fps: float, seed: int = 0, **kw) -> dict:
+    """Sample every shapes prompt (train and held-out), score them, write mp4s and eval.json; return metrics."""
+    from minisora.data.shapes import heldout_prompts, train_prompts
+    from minisora.files import slug
+    from minisora.io import save_video
+
+    prompts = [p for p in train_prompts() + heldout_prompts() for _ in range(samples_per_prompt)]
+    seeds = [seed + i for i in range(len(prompts))]
+    videos: list[np.ndarray] = []
+    for i in range(0, len(prompts), 64):
+        videos += pipe(prompts[i : i + 64], seed=seeds[i : i + 64], **kw)
+    report = evaluate(videos, prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    for j, (p, v) in enumerate(zip(prompts, videos)):
+        if j % samples_per_prompt == 0:
+            save_video(v, out / f"{slug(p)}.mp4", fps=fps)
+    held, train = report.split(heldout=True), report.split(heldout=False)
+    metrics = {
+        "train/color_accuracy": train.color_accuracy,
+        "train/direction_accuracy": train.direction_accuracy,
+        "heldout/color_accuracy": held.color_accuracy,
+        "heldout/direction_accuracy": held.direction_accuracy,
+        "all/color_accuracy": report.color_accuracy,
+        "all/direction_accuracy": report.direction_accuracy,
+        "samples": len(prompts),
+    }
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    (out / "eval.txt").write_text(report.format() + "\n")
+    return metrics
+
+
+class ShapesEval(L.Callback):
+    """Every `every_n_steps` and at the end: sample every shapes prompt (training and held-out) `samples_per_prompt`
+    times with the EMA weights and log the evaluator's colour and direction accuracies (TensorBoard: shapes/*).
+
+    The final scores go to `<folder>/final/eval.json` and `summary`, which the run prints last. Sampling settings
+    (steps, guidance, sampler, seed, fps) are the run's `sample` section's.
+    """
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        folder: str | Path,
+        every_n_steps: int = 0,
+        samples_per_prompt: int = 4,  # 8 held-out prompts alone would score in steps of 1/8
+        steps: int = 25,
+        guidance: float = 4.0,
+        sampler: str = "euler",
+        seed: int = 0,
+        fps: float = 8,
+    ):
+        if samples_per_prompt < 1:
+            raise ValueError(f"shapes_eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
+        self.every_n_steps, self.samples_per_prompt = every_n_steps, samples_per_prompt
+        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler)
+        self.seed, self.fps = seed, fps
+        self.metrics: dict | None = None
+        self.summary: str | None = None  # one line for the end of the run
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        model = pl_module.full_ema()  # every rank: under FSDP this gathers the EMA's shards to rank 0
+        if not trainer.is_global_zero:
+            return
+        from minisora.training.preview import training_pipeline
+
+        pipe = training_pipeline(trainer, pl_module, model, self.vae, self.text_encoder, self.fps)
+        step = trainer.global_step
+        where = self.folder / "final" if final else self.folder / f"step-{step:06d}" / "shapes"
+        m = score_pipeline(pipe, where, samples_per_prompt=self.samples_per_prompt, fps=self.fps, seed=self.seed,
+                           **self.kw)  # fmt: skip
+        self.metrics = m
+        pl_module.print(
+            f"step {step}: shapes colour accuracy {m['train/color_accuracy']:.2f} train / "
+            f"{m['heldout/color_accuracy']:.2f} held-out, direction "
+            f"{m['train/direction_accuracy']:.2f} / {m['heldout/direction_accuracy']:.2f}"
+        )
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"shapes/{k}": v for k, v in m.items()}, step=step)
+        if final:
+            self.summary = (
+                f"shapes score ({where / 'eval.txt'}): colour accuracy {m['train/color_accuracy']:.2f} on training "
+                f"prompts, {m['heldout/color_accuracy']:.2f} held-out; direction accuracy "
+                f"{m['train/direction_accuracy']:.2f} / {m['heldout/direction_accuracy']:.2f}"
+            )
+        self.vae.cpu()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from minisora.training.preview import due
+
+        if due(trainer, self.every_n_steps):
+            self._score(trainer, pl_module, final=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._score(trainer, pl_module, final=True)

@@ -1,54 +1,44 @@
-"""SampleVideos: sample fixed prompts from the EMA model during and after training; score shapes prompts."""
+"""PreviewSamples: sample fixed prompts from the EMA model during and after training (mp4 + TensorBoard strips)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
+from minisora.files import slug
 from minisora.io import film_strip, save_video
 from minisora.pipeline import TextToVideoPipeline
-from minisora.files import slug
 
 
-def shapes_eval(pipe: TextToVideoPipeline, out: Path, *, samples_per_prompt: int, fps: float, **kw) -> dict:
-    """Sample every shapes prompt (train and held-out), score them, write mp4s and eval.json; return metrics."""
-    from minisora.data.shapes import heldout_prompts, train_prompts
-    from minisora.eval.shapes import evaluate
-
-    prompts = [p for p in train_prompts() + heldout_prompts() for _ in range(samples_per_prompt)]
-    seeds = [kw.pop("seed", 0) + i for i in range(len(prompts))]
-    videos: list[np.ndarray] = []
-    for i in range(0, len(prompts), 64):
-        videos += pipe(prompts[i : i + 64], seed=seeds[i : i + 64], **kw)
-    report = evaluate(videos, prompts)
-    out.mkdir(parents=True, exist_ok=True)
-    for j, (p, v) in enumerate(zip(prompts, videos)):
-        if j % samples_per_prompt == 0:
-            save_video(v, out / f"{slug(p)}.mp4", fps=fps)
-    held, train = report.split(heldout=True), report.split(heldout=False)
-    metrics = {
-        "train/color_accuracy": train.color_accuracy,
-        "train/direction_accuracy": train.direction_accuracy,
-        "heldout/color_accuracy": held.color_accuracy,
-        "heldout/direction_accuracy": held.direction_accuracy,
-        "all/color_accuracy": report.color_accuracy,
-        "all/direction_accuracy": report.direction_accuracy,
-        "samples": len(prompts),
-    }
-    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
-    (out / "eval.txt").write_text(report.format() + "\n")
-    return metrics
+def training_pipeline(
+    trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module, vae: torch.nn.Module,
+    text_encoder: torch.nn.Module | None, fps: float,
+) -> TextToVideoPipeline:  # fmt: skip
+    """A pipeline over `model` (the gathered EMA) that samples at the training clip size, on the module's device."""
+    clip = trainer.datamodule.video.clip_args
+    T, H, W = clip["num_frames"], clip["height"], clip["width"]
+    vae.to(pl_module.device)
+    if text_encoder is not None:
+        text_encoder.to(pl_module.device)
+    return TextToVideoPipeline(
+        model, vae, text_encoder, prediction=pl_module.prediction,
+        t_shift=pl_module.t_shift, num_frames=T, height=H, width=W, fps=fps,
+    )  # fmt: skip
 
 
-class SampleVideos(L.Callback):
+def due(trainer: L.Trainer, every_n_steps: int) -> bool:
+    """True at every `every_n_steps`-th step before the last one (the end of training samples anyway)."""
+    step = trainer.global_step
+    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and step < trainer.max_steps
+
+
+class PreviewSamples(L.Callback):
     """Every `every_n_steps` and at the end: sample `prompts` with the EMA weights and a fixed seed.
 
-    Videos go to `<folder>/step-XXXXXX/*.mp4` and to TensorBoard. With `shapes_eval`, the end of training
-    also samples every shapes prompt (train and held-out) and logs the evaluator's accuracies.
+    Videos go to `<folder>/step-XXXXXX/*.mp4` and to TensorBoard. steps, guidance, sampler, seed and fps are
+    also the defaults of `minisora sample` for the run (the checkpoint stores this section).
     """
 
     def __init__(
@@ -63,59 +53,33 @@ class SampleVideos(L.Callback):
         sampler: str = "euler",
         seed: int = 0,
         fps: float = 8,
-        shapes_eval: bool = False,
-        samples_per_prompt: int = 1,
     ):
         self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
         self.every_n_steps, self.prompts = every_n_steps, list(prompts or [])
         self.kw = dict(steps=steps, guidance=guidance, sampler=sampler)
         self.seed, self.fps = seed, fps
-        self.shapes_eval, self.samples_per_prompt = shapes_eval, samples_per_prompt
-        self.metrics: dict | None = None
 
-    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> TextToVideoPipeline:
-        clip = trainer.datamodule.video.clip_args  # sample at the training clip size
-        T, H, W = clip["num_frames"], clip["height"], clip["width"]
-        self.vae.to(pl_module.device)
-        if self.text_encoder is not None:
-            self.text_encoder.to(pl_module.device)
-        return TextToVideoPipeline(
-            model, self.vae, self.text_encoder, prediction=pl_module.prediction,
-            t_shift=pl_module.t_shift, num_frames=T, height=H, width=W, fps=self.fps,
-        )  # fmt: skip
-
-    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.prompts:
+            return
         model = pl_module.full_ema()  # every rank: under FSDP this gathers the EMA's shards to rank 0
         if not trainer.is_global_zero:
             return
-        pipe = self.pipeline(trainer, pl_module, model)
+        pipe = training_pipeline(trainer, pl_module, model, self.vae, self.text_encoder, self.fps)
         step = trainer.global_step
         out = self.folder / f"step-{step:06d}"
-        if self.prompts:
-            videos = pipe(self.prompts, seed=self.seed, **self.kw)
-            tb = getattr(trainer.logger, "experiment", None)
-            for i, (p, v) in enumerate(zip(self.prompts, videos)):
-                save_video(v, out / f"{slug(p)}.mp4", fps=self.fps)
-                if tb is not None and hasattr(tb, "add_image"):
-                    # A strip of frames: TensorBoard's add_video would need moviepy, a heavy extra dependency.
-                    tb.add_image(f"samples/{slug(p)}", film_strip(v), step, dataformats="HWC")
-        if self.shapes_eval:  # the accuracy curve shows in TensorBoard; the final one is the run's score
-            where = self.folder / "final" if final else out / "shapes"
-            self.metrics = shapes_eval(pipe, where, samples_per_prompt=self.samples_per_prompt,
-                                       fps=self.fps, seed=self.seed, **self.kw)  # fmt: skip
-            pl_module.print(
-                f"step {step}: shapes colour accuracy {self.metrics['train/color_accuracy']:.2f} train / "
-                f"{self.metrics['heldout/color_accuracy']:.2f} held-out, direction "
-                f"{self.metrics['train/direction_accuracy']:.2f} / {self.metrics['heldout/direction_accuracy']:.2f}"
-            )
-            if trainer.logger is not None:
-                trainer.logger.log_metrics({f"shapes/{k}": v for k, v in self.metrics.items()}, step=step)
+        videos = pipe(self.prompts, seed=self.seed, **self.kw)
+        tb = getattr(trainer.logger, "experiment", None)
+        for p, v in zip(self.prompts, videos):
+            save_video(v, out / f"{slug(p)}.mp4", fps=self.fps)
+            if tb is not None and hasattr(tb, "add_image"):
+                # A strip of frames: TensorBoard's add_video would need moviepy, a heavy extra dependency.
+                tb.add_image(f"samples/{slug(p)}", film_strip(v), step, dataformats="HWC")
         self.vae.cpu()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step < trainer.max_steps:
-            self._sample(trainer, pl_module, final=False)
+        if due(trainer, self.every_n_steps):
+            self._sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._sample(trainer, pl_module, final=True)
+        self._sample(trainer, pl_module)

@@ -1,4 +1,5 @@
-"""Runs built from a config: train the VAE, cache latents, train the DiT, sample and score. `make train` calls run_pipeline."""
+"""Runs built from a config: train the VAE, cache latents, train the DiT, sample (and score, where the config
+asks). `make train` calls run_pipeline."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 # ---- data ------------------------------------------------------------------------------------
 def ensure_data(cfg: DictConfig) -> None:
-    """Generate the shapes dataset when the config asks for it and it is missing or stale."""
+    """Generate the dataset when the config asks for one (`shapes`: the demo's) and it is missing or stale."""
     if cfg.get("shapes") is None:
         return
     from minisora.data.shapes import make_shapes
@@ -283,7 +284,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.models.dit import DiTBlock
     from minisora.training import finetune
     from minisora.training.lit_dit import LitVideoDiT
-    from minisora.training.preview import SampleVideos
+    from minisora.training.preview import PreviewSamples
 
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -305,12 +306,17 @@ def train_dit(cfg: DictConfig, vae) -> Path:
         say(line)
     if lit.frozen:
         say(f"frozen by dit_train.freeze: {len(lit.frozen)} tensors ({', '.join(lit.frozen[:4])}{', ...' if len(lit.frozen) > 4 else ''})")
-    callbacks = [SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))]
+    callbacks = [PreviewSamples(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))]
+    if cfg.get("shapes_eval") is not None:  # the demo's score (configs/shapes.yaml), sampled as `sample` says
+        from minisora.eval.shapes import ShapesEval
+
+        sampling = {k: cfg.sample[k] for k in ("steps", "guidance", "sampler", "seed", "fps")}
+        callbacks.append(ShapesEval(vae=vae, text_encoder=text, folder=folder / "samples", **sampling,
+                                    **kwargs(cfg.shapes_eval)))  # fmt: skip
     if resume or cfg.get("init_from"):
         callbacks.append(finetune.StartLoss(cfg.trainer.limit_val_batches))
     if adapter:
         callbacks.append(finetune.SaveLoraAdapter(folder / "lora" / "adapter.safetensors", **adapter))
-    sampler = callbacks[0]
     trainer = build_trainer(cfg.trainer, folder, callbacks, tag="dit", wrap={DiTBlock})
     t0 = time.time()
     trainer.fit(lit, datamodule=latents, ckpt_path=str(resume) if resume else None)
@@ -318,18 +324,14 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     say(f"samples: {folder / 'samples'}")
     if adapter:
         say(f"LoRA adapter: {folder / 'lora' / 'adapter.safetensors'} (minisora sample --ckpt <base> --lora <it>)")
-    if sampler.metrics:
-        m = sampler.metrics
-        say(
-            f"shapes score ({folder / 'samples' / 'final' / 'eval.txt'}): colour accuracy {m['train/color_accuracy']:.2f} "
-            f"on training prompts, {m['heldout/color_accuracy']:.2f} held-out; direction accuracy "
-            f"{m['train/direction_accuracy']:.2f} / {m['heldout/direction_accuracy']:.2f}"
-        )
+    for callback in callbacks:  # evaluators' final scores: the last lines a user reads
+        if getattr(callback, "summary", None):
+            say(callback.summary)
     return folder
 
 
 def run_pipeline(cfg: DictConfig) -> None:
-    """The embedded default: data -> VAE -> latent cache -> DiT -> samples (+ shapes scores)."""
+    """The whole run: data -> VAE -> latent cache -> DiT -> samples (+ the config's evaluators)."""
     t0 = time.time()
     folder = run_dir(cfg)
     if rank_zero_only.rank == 0:
