@@ -10,7 +10,6 @@ Image-to-video and continuation: see minisora.conditioning.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,11 @@ from minisora import diffusion
 from minisora.conditioning import keep_known, load_frames
 from minisora.device import resolve_dtype
 from minisora.io import to_uint8_frames
+from minisora.sizes import kept_frame_count, valid_size
 
 # Output pixels per VAE decode call: one 17x256x256 clip, or 64 shapes clips (17x32x32) at once.
 DECODE_PIXELS = 17 * 256 * 256
 SAMPLERS = {"euler": diffusion.sample_euler, "heun": diffusion.sample_heun}
-
-
-def round_to(value: int, multiple: int, offset: int = 0) -> int:
-    """The nearest offset + k * multiple (halves round up), at least offset + multiple when offset is 0."""
-    k = max(int((value - offset) / multiple + 0.5), 0 if offset else 1)
-    return offset + k * multiple
 
 
 class TextToVideoPipeline:
@@ -149,24 +143,7 @@ class TextToVideoPipeline:
 
     def valid_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """The nearest (T, H, W) the autoencoder and patch sizes accept, with a warning naming what changed."""
-        kt, s = self.vae.temporal_compression, self.vae.spatial_compression
-        ph, pw = self.model.patch_size[1:]
-        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        out = (
-            round_to(num_frames - 1, kt) + 1 if num_frames > 1 else 1,
-            round_to(height, s * ph),
-            round_to(width, s * pw),
-        )
-        if out != (num_frames, height, width):
-            warnings.warn(
-                f"frames x height x width {num_frames}x{height}x{width} rounded to {out[0]}x{out[1]}x{out[2]}: "
-                f"frames must be 1 + {kt}k (1, {1 + kt}, {1 + 2 * kt}, {1 + 3 * kt}, ...) for the {kt}x temporal "
-                f"compression, height a multiple of {s * ph} and width of {s * pw} (autoencoder {s}x times DiT patch)",
-                stacklevel=3,
-            )
-        return out
+        return valid_size(self.vae, self.model.patch_size, num_frames, height, width, stacklevel=3)
 
     def _size(self, num_frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
         """The requested size, the training clip's size where not given."""
@@ -321,18 +298,7 @@ class TextToVideoPipeline:
             if keep_frames is not None:
                 raise ValueError("keep_frames needs a video to keep frames from")
             return None
-        kt = self.vae.temporal_compression
-        K = 1 if image is not None else (keep_frames if keep_frames is not None else 1 + kt)
-        if not isinstance(K, (int, np.integer)) or K < 1:
-            raise ValueError(f"keep_frames must be a positive integer, got {K!r}")
-        if (K - 1) % kt:
-            rounded = 1 + (K - 1) // kt * kt
-            valid = f"1 + {kt}k (1, {1 + kt}, {1 + 2 * kt}, ...)"
-            warnings.warn(f"keep_frames={K} rounded down to {rounded}: kept frames must be {valid} for the {kt}x "
-                          f"temporal compression", stacklevel=3)  # fmt: skip
-            K = rounded
-        if K >= num_frames:
-            raise ValueError(f"keep_frames={K} leaves nothing to generate in {num_frames} frames; ask for more frames")
+        K = kept_frame_count(self.vae.temporal_compression, image is not None, keep_frames, num_frames)
         return load_frames(image if image is not None else video, K, height, width)
 
     def __call__(
