@@ -42,7 +42,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def video_module(manifest: Path, **kw) -> VideoDataModule:
     spec = BucketSpec(**{**SPEC, **kw.pop("spec", {})})
-    args = dict(path=str(manifest), num_workers=0, batch_size=2, val_fraction=0.0, buckets=spec, geometry=GEOMETRY)
+    args = dict(path=str(manifest), num_workers=0, vae_batch_size=2, val_fraction=0.0, buckets=spec, geometry=GEOMETRY)
     return VideoDataModule(**{**args, **kw})
 
 
@@ -70,7 +70,7 @@ def test_the_latent_cache_assigns_exactly_as_the_raw_path_with_one_folder_per_bu
                    spatial_compression=4).eval()  # fmt: skip
     text = TextEncoder(model_name="tiny", width=32, layers=1, heads=1, context_length=16)
     video = video_module(dataset)
-    latents = LatentDataModule(video, vae, text, cache_root=str(tmp_path), batch_size=2, val_fraction=0.0)
+    latents = LatentDataModule(video, vae, text, cache_root=str(tmp_path), dit_batch_size=2, val_fraction=0.0)
     latents.prepare_data()
     index = json.loads((latents.folder / "buckets.json").read_text())
     raw = video_module(dataset)
@@ -89,7 +89,7 @@ def test_the_latent_cache_assigns_exactly_as_the_raw_path_with_one_folder_per_bu
         b = latents.train_buckets[batch["bucket"]]
         assert batch["latents"].shape[2:] == vae.latent_shape(b.frames, b.height, b.width)[1:]
     # A second prepare reuses every bucket (nothing encoded again).
-    latents2 = LatentDataModule(video_module(dataset), vae, text, cache_root=str(tmp_path), batch_size=2)
+    latents2 = LatentDataModule(video_module(dataset), vae, text, cache_root=str(tmp_path), dit_batch_size=2)
     before = {p: p.stat().st_mtime_ns for p in latents.folder.rglob("*.safetensors")}
     latents2.prepare_data()
     assert {p: p.stat().st_mtime_ns for p in latents.folder.rglob("*.safetensors")} == before
@@ -182,7 +182,7 @@ def test_data_stats_prints_buckets_skips_and_the_token_histogram(dataset, tmp_pa
 
     args = ["data-stats", "--config", str(ROOT / "configs/shapes.yaml"), "shapes=null", f"data.path={dataset}",
             f"run_dir={tmp_path}", "buckets.resolutions={32px: [1, 5, 9]}", 'buckets.aspect_ratios=["1:1","16:9","9:16"]',
-            "latents.batch_size=4", "--json", str(tmp_path / "stats.json")]  # fmt: skip
+            "latents.dit_batch_size=4", "--json", str(tmp_path / "stats.json")]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     stats = json.loads((tmp_path / "stats.json").read_text())

@@ -42,8 +42,8 @@ def test_every_shipped_config_loads_and_builds_its_data_section():
 def test_merge_order_base_experiment_overrides(tmp_path):
     write(tmp_path, "base.yaml", "data:\n  height: 64\n  width: 64\nmodel:\n  depth: 3\n")
     exp = write(tmp_path, "exp.yaml", "base: base.yaml\nname: exp\ndata:\n  width: 48\n")
-    cfg = load_config(exp, ["data.batch_size=3", "model.depth=5"])
-    assert (cfg.name, cfg.data.height, cfg.data.width, cfg.data.batch_size, cfg.model.depth) == ("exp", 64, 48, 3, 5)
+    cfg = load_config(exp, ["data.vae_batch_size=3", "model.depth=5"])
+    assert (cfg.name, cfg.data.height, cfg.data.width, cfg.data.vae_batch_size, cfg.model.depth) == ("exp", 64, 48, 3, 5)
     assert cfg.trainer.max_steps == 1000  # schema default survives
 
 
@@ -101,6 +101,8 @@ def test_bases_nest_and_a_cycle_names_its_files(tmp_path):
     ("dit_train: {schedule: cosine}", "dit_train.lr_schedule"),
     ("sample: {shapes_eval: true}", "shapes_eval"),
     ("sample: {samples_per_prompt: 2}", "shapes_eval.samples_per_prompt"),
+    ("data: {batch_size: 4}", "data.vae_batch_size"),
+    ("latents: {batch_size: 4}", "latents.dit_batch_size"),
 ])  # fmt: skip
 def test_a_renamed_key_names_its_new_name(tmp_path, layer, new):
     old = layer.replace(": {", ".").split(":")[0]

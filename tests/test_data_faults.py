@@ -120,7 +120,7 @@ def skip_reports(caplog) -> dict[int, str]:
 
 def test_training_on_a_fifth_corrupt_files_completes_and_names_every_skipped_file(faulty_dir, tmp_path, caplog):
     manifest, good, bad = faulty_dir
-    dm = VideoDataModule(str(manifest), val_fraction=0.0, batch_size=5, num_workers=0, **CLIP)
+    dm = VideoDataModule(str(manifest), val_fraction=0.0, vae_batch_size=5, num_workers=0, **CLIP)
     model = Recorder()
     trainer = make_trainer(tmp_path, max_steps=10, callbacks=[SkippedFilesLogger(max_named=10)])  # 2 epochs of 5
     with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
@@ -153,7 +153,7 @@ def test_latent_cache_over_a_fifth_corrupt_files_lists_exactly_the_corrupt_ones(
     vae = VideoVAE(latent_channels=4, base_channels=8, channel_multipliers=[1, 2, 2], temporal_compression=4,
                    spatial_compression=4).eval()  # fmt: skip
     text = TextEncoder(model_name="tiny", width=32, layers=1, heads=1, context_length=16)
-    video = VideoDataModule(str(manifest), batch_size=4, num_workers=0, **CLIP)
+    video = VideoDataModule(str(manifest), vae_batch_size=4, num_workers=0, **CLIP)
     dm = LatentDataModule(video, vae, text, cache_root=str(tmp_path / "cache"), num_workers=0, encode_batch_size=8)
     with pytest.warns(SkippedClipWarning):
         dm.prepare_data()
@@ -211,7 +211,7 @@ def test_a_file_deleted_during_training_is_skipped_not_fatal(num_workers, tmp_pa
     data = tmp_path / "data"
     manifest = write_manifest(data, good_clips(10))
     victim = str(data / "clips" / "04.mp4")
-    dm = VideoDataModule(str(manifest), val_fraction=0.0, batch_size=2, num_workers=num_workers,
+    dm = VideoDataModule(str(manifest), val_fraction=0.0, vae_batch_size=2, num_workers=num_workers,
                          persistent_workers=True, timeout=60.0, **CLIP)  # fmt: skip
     model, deleter = Recorder(), DeleteAt(victim, batch_idx=1)
     trainer = make_trainer(tmp_path, max_steps=10, callbacks=[SkippedFilesLogger(max_named=10), deleter])
@@ -265,7 +265,7 @@ def _sigkill_self():
 def test_a_dying_worker_ends_the_run_at_once_with_a_clear_error(how, monkeypatch, tmp_path, good_clips):
     data = tmp_path / "data"
     manifest = write_manifest(data, good_clips(8))
-    dm_args = dict(val_fraction=0.0, batch_size=2, num_workers=2, timeout=30.0, **CLIP)
+    dm_args = dict(val_fraction=0.0, vae_batch_size=2, num_workers=2, timeout=30.0, **CLIP)
     # A healthy fit with workers first: Lightning's teardown used to leave PyTorch's SIGCHLD handler
     # uninstalled, so the next fit noticed a dead worker only when `timeout` (30 s) ran out.
     make_trainer(tmp_path, max_steps=2, callbacks=[]).fit(Recorder(), datamodule=VideoDataModule(str(manifest), **dm_args))
@@ -287,7 +287,7 @@ def test_a_hung_worker_ends_the_run_after_the_timeout_with_a_hint(monkeypatch, t
     data = tmp_path / "data"
     manifest = write_manifest(data, good_clips(8))
     _patch_getitem(monkeypatch, 3, lambda: time.sleep(600))  # a decoder stuck on a network file system
-    dm = VideoDataModule(str(manifest), val_fraction=0.0, batch_size=2, num_workers=2, timeout=2.0, **CLIP)
+    dm = VideoDataModule(str(manifest), val_fraction=0.0, vae_batch_size=2, num_workers=2, timeout=2.0, **CLIP)
     trainer = make_trainer(tmp_path, max_steps=20, callbacks=[])
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"DataLoader timed out after 2.0 seconds") as err:

@@ -17,7 +17,7 @@ from minisora.data.datamodule import VideoDataModule, collate_clips, split_recor
 from minisora.data.sources import ClipRecord
 from minisora.training.callbacks import SkippedFilesLogger
 
-SMALL = {"num_frames": 4, "height": 16, "width": 16, "batch_size": 4, "num_workers": 0}
+SMALL = {"num_frames": 4, "height": 16, "width": 16, "vae_batch_size": 4, "num_workers": 0}
 
 
 @pytest.fixture

@@ -245,10 +245,10 @@ def test_run_pipeline_on_a_pretrained_vae(folders, tmp_path, monkeypatch):
     path, sub = folders["ltx"]
     monkeypatch.chdir(tmp_path)  # runs/ and data/ land here
     overrides = [
-        "name=ltx", "shapes.num=8", "shapes.size=64", "data.height=64", "data.width=64", "data.batch_size=4",
+        "name=ltx", "shapes.num=8", "shapes.size=64", "data.height=64", "data.width=64", "data.vae_batch_size=4",
         "data.num_workers=0", f"pretrained_vae={{kind: ltx, path: {path}, subfolder: {sub}, dtype: float32}}",
         "text.width=32", "text.layers=1", "text.heads=1", "model.hidden_size=32", "model.depth=1",
-        "model.num_heads=2", "model.patch_size=[1,1,1]", "latents.batch_size=4", "trainer.max_steps=2",
+        "model.num_heads=2", "model.patch_size=[1,1,1]", "latents.dit_batch_size=4", "trainer.max_steps=2",
         "trainer.val_check_interval=2", "trainer.checkpoint_every=2", "trainer.enable_progress_bar=false",
         "sample.every_n_steps=0", "sample.steps=2", "shapes_eval=null",
     ]  # fmt: skip

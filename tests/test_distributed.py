@@ -96,12 +96,12 @@ def ddp_and_single(tmp_path_factory) -> SimpleNamespace:
     """
     tmp = tmp_path_factory.mktemp("distributed")
     steps = ("trainer.max_steps=5", "trainer.checkpoint_every=4")
-    ddp = run_cli(tmp, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
+    ddp = run_cli(tmp, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.dit_batch_size=2",
                   "vae_trainer.devices=2", "vae_trainer.strategy=ddp", *steps)  # fmt: skip
     ranks = [json.loads((tmp / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
     caches = list((tmp / "cache").iterdir())
     vae = tmp / "runs" / "ddp" / "vae" / "vae.safetensors"
-    run_cli(tmp, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}", *steps)
+    run_cli(tmp, "single", "name=single", "trainer.devices=1", "latents.dit_batch_size=4", f"vae_weights={vae}", *steps)
     single = json.loads((tmp / "dit-rank0.json").read_text())  # overwritten by the single run's rank 0
     return SimpleNamespace(tmp=tmp, ddp=ddp, ranks=ranks, single=single, caches=caches, vae=vae)
 
@@ -142,7 +142,7 @@ def test_two_process_fsdp_resumes_a_single_process_checkpoint_and_matches_it(ddp
     ckpts = tmp / "runs" / "fsdp" / "checkpoints"
     ckpts.mkdir(parents=True)
     shutil.copy(tmp / "runs" / "single" / "checkpoints" / "step-000004.ckpt", ckpts)
-    fsdp = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=2", "trainer.strategy=fsdp", "latents.batch_size=2",
+    fsdp = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=2", "trainer.strategy=fsdp", "latents.dit_batch_size=2",
                    "trainer.max_steps=5", "trainer.checkpoint_every=4", f"vae_weights={ddp_and_single.vae}",
                    "model.grad_checkpointing=true")  # fmt: skip
     assert f"resuming from {ckpts / 'step-000004.ckpt'}" in fsdp.stdout
@@ -162,7 +162,7 @@ def test_two_process_fsdp_resumes_a_single_process_checkpoint_and_matches_it(ddp
     exported = export_checkpoint(tmp / "runs" / "fsdp", tmp / "export")
     assert torch.equal(read_weights(exported)[0][KEY], last["state_dict"][f"ema.module.{KEY}"])  # the EMA, whole
     # The same run goes on in one process: the FSDP checkpoint resumes without FSDP.
-    one = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=1", "latents.batch_size=4", "trainer.max_steps=6",
+    one = run_cli(tmp, "fsdp", "name=fsdp", "trainer.devices=1", "latents.dit_batch_size=4", "trainer.max_steps=6",
                   f"vae_weights={ddp_and_single.vae}")  # fmt: skip
     assert f"resuming from {ckpts / 'last.ckpt'}" in one.stdout
     resumed = load(tmp, "fsdp")
@@ -174,7 +174,7 @@ def test_two_process_fsdp_resumes_a_single_process_checkpoint_and_matches_it(ddp
 def test_bucketed_ddp_ranks_share_one_bucket_per_step_and_match_one_process(tmp_path):
     buckets = ["shapes.variants=[9x32x32,5x24x40]", "shapes.num=32", "buckets.resolutions={32px: [5, 9]}",
                'buckets.aspect_ratios=["1:1","16:9"]', "latents.val_fraction=0.0", "trainer.max_steps=6"]  # fmt: skip
-    run_cli(tmp_path, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2", *buckets)
+    run_cli(tmp_path, "ddp", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "latents.dit_batch_size=2", *buckets)
     ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["steps"] for r in ranks] == [6, 6]
     # 16 clips per bucket, per rank 2 clips of 9 frames (48 tokens) or 3 of 5 frames (30 tokens): an epoch is
@@ -188,7 +188,7 @@ def test_bucketed_ddp_ranks_share_one_bucket_per_step_and_match_one_process(tmp_
     assert len(set(seen)) == len(seen) and buckets_seen == {"0", "1"}, seen
     vae = tmp_path / "runs" / "ddp" / "vae" / "vae.safetensors"
     # One process with twice the batch: the same global batches (no bucket's batch rounds differently here).
-    run_cli(tmp_path, "single", "name=single", "trainer.devices=1", "latents.batch_size=4", f"vae_weights={vae}", *buckets)
+    run_cli(tmp_path, "single", "name=single", "trainer.devices=1", "latents.dit_batch_size=4", f"vae_weights={vae}", *buckets)
     single = json.loads((tmp_path / "dit-rank0.json").read_text())
     for i, batch in enumerate(single["batches"]):
         assert set(batch) == set(ranks[0]["batches"][i]) | set(ranks[1]["batches"][i])
@@ -203,7 +203,7 @@ def test_torchrun_launches_the_same_command_without_code_changes(tmp_path):
     # torchrun starts both ranks at once: shapes data, the VAE file and the cache must still be made once.
     torchrun = Path(sys.executable).with_name("torchrun")
     run_cli(
-        tmp_path, "torchrun", "name=tr", "trainer.devices=2", "trainer.strategy=ddp", "latents.batch_size=2",
+        tmp_path, "torchrun", "name=tr", "trainer.devices=2", "trainer.strategy=ddp", "latents.dit_batch_size=2",
         "vae_trainer.devices=2", "vae_trainer.strategy=ddp", launcher=(str(torchrun), "--nproc_per_node", "2"),
     )  # fmt: skip
     ranks = [json.loads((tmp_path / f"dit-rank{r}.json").read_text()) for r in (0, 1)]

@@ -47,10 +47,10 @@ def test_fsdp_on_gpus_matches_one_gpu_and_trains_in_bf16(tmp_path):
     n = min(torch.cuda.device_count(), 2)
     gpu = ("trainer.accelerator=gpu", "vae_trainer.accelerator=gpu", "trainer.max_steps=5",
            "trainer.checkpoint_every=4")  # fmt: skip
-    run_cli(tmp_path, "one", "name=one", "trainer.devices=1", f"latents.batch_size={2 * n}",
+    run_cli(tmp_path, "one", "name=one", "trainer.devices=1", f"latents.dit_batch_size={2 * n}",
             "trainer.precision=32-true", *gpu)  # fmt: skip
     vae = f"vae_weights={tmp_path / 'runs' / 'one' / 'vae' / 'vae.safetensors'}"
-    fsdp = ("trainer.strategy=fsdp", f"trainer.devices={n}", "latents.batch_size=2", vae, *gpu)
+    fsdp = ("trainer.strategy=fsdp", f"trainer.devices={n}", "latents.dit_batch_size=2", vae, *gpu)
     run_cli(tmp_path, "fsdp", "name=fsdp", "trainer.precision=32-true", *fsdp)
     assert json.loads((tmp_path / "dit-rank0.json").read_text())["world"] == n
     assert_same_training_state(load(tmp_path, "fsdp"), load(tmp_path, "one"))

@@ -44,7 +44,7 @@ def tiny_text(**kw) -> TextEncoder:
 
 def video_module(manifest: Path, **kw) -> VideoDataModule:
     args = dict(path=str(manifest), num_frames=FRAMES, height=SIZE, width=SIZE, crop="center", num_workers=0,
-                batch_size=4)  # fmt: skip
+                vae_batch_size=4)  # fmt: skip
     return VideoDataModule(**{**args, **kw})
 
 
@@ -59,7 +59,7 @@ def parts() -> tuple[VideoVAE, TextEncoder]:
 
 
 def latent_module(manifest: Path, cache_root: Path, vae=None, text=None, video=None, **kw) -> LatentDataModule:
-    args = dict(cache_root=str(cache_root), batch_size=4, num_workers=0, val_fraction=0.25, encode_batch_size=5)
+    args = dict(cache_root=str(cache_root), dit_batch_size=4, num_workers=0, val_fraction=0.25, encode_batch_size=5)
     return LatentDataModule(video or video_module(manifest), vae, text, **{**args, **kw})
 
 
@@ -139,8 +139,8 @@ def test_second_prepare_data_reuses_the_cache_without_encoding(manifest, parts, 
 
     monkeypatch.setattr(latents_mod, "build_cache", fail)
     # Same inputs, new objects and different loader settings: same key, same folder, nothing encoded.
-    again = latent_module(manifest, tmp_path, tiny_vae(), tiny_text(), batch_size=2, num_workers=1,
-                          video=video_module(manifest, batch_size=7, num_workers=3))  # fmt: skip
+    again = latent_module(manifest, tmp_path, tiny_vae(), tiny_text(), dit_batch_size=2, num_workers=1,
+                          video=video_module(manifest, vae_batch_size=7, num_workers=3))  # fmt: skip
     assert again.key == first.key
     again.prepare_data()
     assert (again.folder / "buckets.json").stat().st_mtime_ns == stamp
@@ -157,8 +157,8 @@ def test_cache_key_follows_what_is_encoded_and_nothing_else(manifest, parts, tmp
         return latent_module(manifest, tmp_path, **args).key
 
     # Loader settings do not change the latents.
-    assert key_with(video=video_module(manifest, batch_size=1, num_workers=4, val_fraction=0.5)) == key
-    assert latent_module(manifest, tmp_path, vae, text, batch_size=1, num_workers=3, val_fraction=0.1).key == key
+    assert key_with(video=video_module(manifest, vae_batch_size=1, num_workers=4, val_fraction=0.5)) == key
+    assert latent_module(manifest, tmp_path, vae, text, dit_batch_size=1, num_workers=3, val_fraction=0.1).key == key
     assert key_with(vae=tiny_vae(), text=tiny_text()) == key  # equal weights, other objects
 
     # Clip options.

@@ -60,7 +60,7 @@ VIDEO = VideoDataModule(num_frames=17, height=32, width=32)  # one size, whose l
 
 def datamodule(root: Path, key: str, batch_size: int) -> LatentDataModule:
     """The real LatentDataModule over a prebuilt cache: with the key preset, prepare_data finds it complete."""
-    dm = LatentDataModule(video=VIDEO, vae=None, text_encoder=None, cache_root=str(root), batch_size=batch_size,
+    dm = LatentDataModule(video=VIDEO, vae=None, text_encoder=None, cache_root=str(root), dit_batch_size=batch_size,
                           num_workers=0, val_fraction=0.0)  # fmt: skip
     dm._key = key
     return dm

@@ -324,11 +324,11 @@ def test_recipe_hours_add_up_and_follow_the_recipe():
     stages, per_clip = recipe_flops(cfg, videos=100, eval_samples=8)
     assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"))
     dit = VideoDiT(**dit_args(to_plain(cfg), cfg.vae.latent_channels, None))
-    step = dit_train_step_flops(dit, 5, 8, 8, batch=cfg.latents.batch_size, include_recompute=False)
+    step = dit_train_step_flops(dit, 5, 8, 8, batch=cfg.latents.dit_batch_size, include_recompute=False)
     assert stages["DiT training"] == 10 * step  # 17x32x32 clips -> 5x8x8 latents
     assert stages["latent cache"] == pytest.approx(100 * per_clip["vae_encode"] * 1e9)
     clip_gflop = per_clip["vae_encode"] + per_clip["vae_decode"]
-    assert stages["VAE training"] == pytest.approx(cfg.data.batch_size * 5 * 3 * clip_gflop * 1e9)
+    assert stages["VAE training"] == pytest.approx(cfg.data.vae_batch_size * 5 * 3 * clip_gflop * 1e9)
     gpu = "NVIDIA GeForce RTX 4090"
     assert gpu_hours(3.6e15, gpu, 0.5) == pytest.approx(3.6e15 / (gpu_peak_flops(gpu) * 0.5) / 3600)
     with pytest.raises(ValueError, match="no bf16 peak known"):

@@ -176,6 +176,8 @@ RENAMED = {
     "sample.shapes_eval": "shapes_eval (a section: shapes_eval.samples_per_prompt, shapes_eval.every_n_steps; "
     "null switches the shapes score off)",
     "sample.samples_per_prompt": "shapes_eval.samples_per_prompt",
+    "data.batch_size": "data.vae_batch_size (the autoencoder stage's batch)",
+    "latents.batch_size": "latents.dit_batch_size (the DiT stage's batch)",
 }
 
 
@@ -236,6 +238,10 @@ def _migrate(config: dict) -> dict:
     dit, sample = config.get("dit_train") or {}, config.get("sample") or {}
     if "schedule" in dit:
         dit["lr_schedule"] = dit.pop("schedule")
+    for section, new in (("data", "vae_batch_size"), ("latents", "dit_batch_size")):
+        node = config.get(section)
+        if isinstance(node, dict) and "batch_size" in node:
+            node[new] = node.pop("batch_size")
     samples_per_prompt = sample.pop("samples_per_prompt", 1)
     if sample.pop("shapes_eval", False):
         config["shapes_eval"] = {"samples_per_prompt": samples_per_prompt, "every_n_steps": sample.get("every_n_steps", 0)}

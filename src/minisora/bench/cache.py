@@ -67,7 +67,7 @@ def latent_module(root: Path, latent: tuple[int, int, int, int], batch_size: int
 
     _, t, h, w = latent
     video = VideoDataModule(path=str(root / "random-latents"), num_frames=1 + 4 * (t - 1), height=8 * h, width=8 * w)
-    return LatentDataModule(video, Identity(), TextEncoder(**TEXT), cache_root=str(root), batch_size=batch_size,
+    return LatentDataModule(video, Identity(), TextEncoder(**TEXT), cache_root=str(root), dit_batch_size=batch_size,
                             num_workers=0, val_fraction=val_fraction)  # fmt: skip
 
 

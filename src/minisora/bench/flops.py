@@ -188,8 +188,8 @@ def recipe_flops(cfg, videos: int, eval_samples: int) -> tuple[dict[str, float],
     grid = vae.latent_shape(*x.shape[2:])[1:]  # latent (t, h, w)
     fwd = dit_forward_flops(dit, *grid)["total"]
     recompute = cfg.model.grad_checkpointing
-    step = dit_train_step_flops(dit, *grid, batch=cfg.latents.batch_size, include_recompute=recompute)
-    vb, vs = cfg.data.batch_size, cfg.vae_trainer.max_steps
+    step = dit_train_step_flops(dit, *grid, batch=cfg.latents.dit_batch_size, include_recompute=recompute)
+    vb, vs = cfg.data.vae_batch_size, cfg.vae_trainer.max_steps
     gan_steps = max(0, vs - cfg.vae_train.disc_start) if cfg.vae_train.disc_start >= 0 else 0
     stages = {
         # generator 3x(encode + decode); discriminator on fake for G, and on real + fake for D: 3 x 3 forwards

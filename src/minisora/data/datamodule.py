@@ -105,7 +105,7 @@ class VideoDataModule(L.LightningDataModule):
         max_upscale: float = 4.0,
         val_fraction: float = 0.05,
         val_path: str | None = None,
-        batch_size: int = 8,
+        vae_batch_size: int = 8,  # clips per batch of the autoencoder stage (the DiT's: latents.dit_batch_size)
         num_workers: int = 2,
         persistent_workers: bool = True,
         pin_memory: bool = True,
@@ -127,10 +127,9 @@ class VideoDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-        if batch_size < 1 or num_workers < 0 or timeout < 0:
-            raise ValueError(
-                f"need batch_size >= 1, num_workers >= 0, timeout >= 0; got {batch_size}, {num_workers}, {timeout}"
-            )
+        if vae_batch_size < 1 or num_workers < 0 or timeout < 0:
+            raise ValueError(f"need vae_batch_size >= 1, num_workers >= 0, timeout >= 0; got {vae_batch_size}, "
+                             f"{num_workers}, {timeout}")  # fmt: skip
         if buckets is not None and geometry is None:
             raise ValueError("VideoDataModule: buckets need the model's geometry (autoencoder compression, DiT patch)")
         self.save_hyperparameters(ignore=["buckets", "geometry"])
@@ -140,7 +139,7 @@ class VideoDataModule(L.LightningDataModule):
         self.assignment: Assignment | None = None  # where the training clips went
         self.path, self.format, self.val_path = path, format, val_path
         self.val_fraction, self.seed = val_fraction, seed
-        self.batch_size, self.timeout = batch_size, timeout
+        self.batch_size, self.timeout = vae_batch_size, timeout
         self.loader_options = LoaderOptions(num_workers, timeout, pin_memory, seed, persistent_workers)
         self.clip_args = {
             "num_frames": num_frames, "height": height, "width": width, "frame_stride": frame_stride, "fps": fps,

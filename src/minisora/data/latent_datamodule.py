@@ -36,7 +36,7 @@ from minisora.data.loader import LoaderOptions, make_loader
 from minisora.data.sources import load_records
 
 # Loader settings that do not change what is encoded, so they stay out of the cache key.
-NOT_IN_KEY = {"batch_size", "num_workers", "persistent_workers", "pin_memory", "timeout", "val_fraction", "val_path"}
+NOT_IN_KEY = {"vae_batch_size", "num_workers", "persistent_workers", "pin_memory", "timeout", "val_fraction", "val_path"}
 
 
 def source_fingerprint(path: str | Path) -> str:
@@ -67,7 +67,7 @@ class LatentDataModule(L.LightningDataModule):
         text_encoder: torch.nn.Module,
         cache_root: str = "runs/cache",
         clips_per_video: int = 1,
-        batch_size: int = 32,
+        dit_batch_size: int = 32,  # clips per batch of the DiT stage
         num_workers: int = 0,
         val_fraction: float = 0.05,
         encode_batch_size: int = 16,
@@ -78,13 +78,13 @@ class LatentDataModule(L.LightningDataModule):
         # On a cluster whose nodes share the cache folder, only global rank 0 encodes (the other ranks wait at
         # Lightning's barrier); with node-local disks, the first process of every node builds its own copy.
         self.prepare_data_per_node = not shared_filesystem
-        if clips_per_video < 1 or batch_size < 1 or encode_batch_size < 1:
-            raise ValueError("clips_per_video, batch_size and encode_batch_size must be >= 1")
+        if clips_per_video < 1 or dit_batch_size < 1 or encode_batch_size < 1:
+            raise ValueError("clips_per_video, dit_batch_size and encode_batch_size must be >= 1")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.video, self.vae, self.text_encoder = video, vae, text_encoder
         self.cache_root, self.clips_per_video = Path(cache_root), clips_per_video
-        self.batch_size, self.val_fraction = batch_size, val_fraction
+        self.batch_size, self.val_fraction = dit_batch_size, val_fraction
         self.encode_batch_size, self.seed = encode_batch_size, seed
         # The video module's timeout and pin_memory; this section's workers, which stay up between epochs.
         self.loader_options = LoaderOptions(num_workers, video.timeout, video.loader_options.pin_memory, seed)

@@ -49,8 +49,8 @@ def data_stats(cfg: DictConfig) -> dict[str, Any]:
         records, infos, buckets, max_upscale=spec.max_upscale, fps=cfg.data.fps, frame_stride=cfg.data.frame_stride,
         image_frames=bool(spec.image_fraction), any_length=loop,
     )  # fmt: skip
-    dit_batch = spec.batch_sizes(buckets, cfg.latents.batch_size)
-    vae_batch = spec.batch_sizes(buckets, cfg.data.batch_size)
+    dit_batch = spec.batch_sizes(buckets, cfg.latents.dit_batch_size)
+    vae_batch = spec.batch_sizes(buckets, cfg.data.vae_batch_size)
     rows = []
     for b, members, frames, bd, bv in zip(buckets, a.members, a.frames, dit_batch, vae_batch):
         rows.append({"bucket": b.name, "aspect": b.aspect, "resolution": b.resolution, "clips": len(members),
