@@ -68,3 +68,21 @@ def test_tiny_end_to_end_train_writes_checkpoints_videos_and_scores(tmp_path, mo
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8  # continued from step 6, not restarted
     assert last["minisora_config"]["name"] == "tiny"  # the checkpoint describes itself
+
+
+def test_library_modules_never_import_the_cli():
+    """Layering: the `minisora` command depends on the library, never the reverse."""
+    import ast
+
+    src = ROOT / "src" / "minisora"
+    offenders = []
+    for path in src.rglob("*.py"):
+        if path.is_relative_to(src / "cli") or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "minisora.cli" or n.startswith("minisora.cli.") for n in names):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert not offenders, offenders
