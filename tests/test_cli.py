@@ -86,3 +86,10 @@ def test_library_modules_never_import_the_cli():
             if any(n == "minisora.cli" or n.startswith("minisora.cli.") for n in names):
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_renamed_flag_names_its_new_name(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--cfg", "4"])
+    assert e.value.code == 2 and "--cfg was renamed: use --guidance" in capsys.readouterr().err

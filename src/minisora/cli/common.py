@@ -16,6 +16,16 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CO
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=100")
 
 
+def add_renamed_flag(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept a renamed flag only to fail with a message naming its new name (argparse's own error would not)."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{old} was renamed: use {new}")
+
+    p.add_argument(old, action=Renamed, help=argparse.SUPPRESS)
+
+
 def load(args: argparse.Namespace):
     """The config a command's --config and key=value arguments name."""
     from minisora.config import load_config

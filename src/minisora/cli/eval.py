@@ -50,6 +50,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks the real clips; sample i has seed + i (default 0)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", type=float, help="guidance scale >= 1 (default: the run's sample.guidance)")
+    from minisora.cli.common import add_renamed_flag
+
+    add_renamed_flag(p, "--cfg", "--guidance")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--batch-size", type=int, default=8, help="videos sampled and scored at once (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loader processes reading clips (default 2)")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minisora.cli.common import user_errors
+from minisora.cli.common import add_renamed_flag, user_errors
 from minisora.files import slug
 
 DEFAULT_CKPT = "runs/shapes"  # the run `make train` writes
@@ -212,6 +212,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
+    add_renamed_flag(p, "--cfg", "--guidance")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
