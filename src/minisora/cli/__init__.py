@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minisora.cli import bench, config, data, eval, import_vae, plan, sample, train
+from minisora.cli import bench, config, data, import_vae, plan, sample, train
+from minisora.cli import eval as evaluate  # not shadowing the builtin
 
-GROUPS = (train, import_vae, data, config, sample, plan, eval, bench)  # the order `minisora --help` lists them
+GROUPS = (train, import_vae, data, config, sample, plan, evaluate, bench)  # the order `minisora --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,11 @@
-"""`minisora sample` and `minisora export`: checkpoints to mp4 files and to shareable folders.
+"""`minisora sample`, `export` and `merge-lora`: checkpoints to mp4 files and to shareable folders.
 
     minisora sample                                   # after `make train`: default prompts from runs/shapes
     minisora sample --ckpt runs/shapes --prompt "a red circle moving left" --steps 30 --guidance 4 --seed 1 --gif
     minisora sample --image first.png --prompt "a blue square moving up"       # image-to-video
     minisora sample --video clip.mp4 --keep-frames 5 --prompt "..."             # continue a clip
     minisora export --ckpt runs/shapes --out exported/shapes --dtype bf16
+    minisora merge-lora --ckpt runs/shapes --lora runs/lora/lora/adapter.safetensors --out exported/merged
 
 Every argument is checked before the model is loaded, and the output folder before any sampling starts.
 Files are named after their prompts and never overwrite an existing file unless --overwrite is given.
