@@ -123,6 +123,11 @@ def schema() -> type:
 
     # A pretrained diffusers autoencoder instead of training one (configs/vae/ltx.yaml, wan.yaml, sd.yaml).
     fields.append(("pretrained_vae", _section_schema(import_pretrained_vae) | None, field(default=None)))
+    from minisora.training.released_stage import load_pretrained
+
+    # A released model's diffusers folder to fine-tune (configs/finetune/wan2.1-t2v-1.3b-lora.yaml, ...): its
+    # transformer trains, its VAE and text encoder fill the latent cache; null trains minisora's own DiT.
+    fields.append(("pretrained", _section_schema(load_pretrained) | None, field(default=None)))
     return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 
@@ -241,9 +246,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
-    if cfg.lora is not None and not cfg.init_from:
+    if cfg.lora is not None and not cfg.init_from and cfg.pretrained is None:
         raise ConfigError(f"{path or 'config'}: lora: LoRA fine-tunes a trained model; set init_from=<base run, "
-                          ".ckpt or exported folder>")
+                          ".ckpt or exported folder> or pretrained.path=<diffusers folder>")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

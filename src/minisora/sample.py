@@ -239,7 +239,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
+    p.add_argument("--sampler", choices=["euler", "heun", "default"], default="euler",
+                   help="ODE sampler (default: euler); released models: euler or default (their folder's scheduler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")

@@ -52,6 +52,8 @@ class WanDenoiser(nn.Module):
     expand_timesteps (Wan2.2 TI2V): a (B,) t is given to every token, as WanPipeline does.
     """
 
+    condition = "text"  # what minisora's trainer and pipeline ask of a denoiser: it takes context (+ mask)
+
     def __init__(self, transformer: nn.Module, expand_timesteps: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
@@ -87,6 +89,8 @@ class LTXDenoiser(nn.Module):
     positions are scaled by (temporal compression / frame_rate, spatial, spatial) of the VAE (8/25, 32, 32 for
     the released model at 25 fps), and the text mask goes to the cross-attention.
     """
+
+    condition = "text"
 
     def __init__(self, transformer: nn.Module, temporal_compression: int, spatial_compression: int,
                  frame_rate: float = 25) -> None:  # fmt: skip
@@ -240,8 +244,18 @@ def sample_released(model: ReleasedModel, prompts: list[str], negative: str | li
     null, null_mask = model.text(negative)
     velocity = diffusion.cfg_model(model.denoiser, guidance, dict(context=context, context_mask=mask),
                                    dict(context=null, context_mask=null_mask), batched=batched)  # fmt: skip
-    tokens = model.denoiser.tokens(T, H, W)
+    return sample_from_noise(model, velocity, noise, steps, sampler, callback)
+
+
+def sample_from_noise(model: ReleasedModel, velocity: Callable, noise: torch.Tensor, steps: int,
+                      sampler: str = "default", callback: Callable | None = None) -> torch.Tensor:  # fmt: skip
+    """Integrate a (guided) velocity callable from `noise` (B, C, t, h, w) on the family's grid: "default" the
+    folder's scheduler, "euler" diffusion.sample_euler on euler_sigmas (what sample_released and the pipeline run)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} for a released model, got {sampler!r}")
+    tokens = model.denoiser.tokens(*noise.shape[2:])
     if sampler == "euler":
-        return diffusion.sample_euler(velocity, noise, model.euler_sigmas(steps, tokens).to(device), callback=callback)
+        sigmas = model.euler_sigmas(steps, tokens).to(noise.device)
+        return diffusion.sample_euler(velocity, noise, sigmas, callback=callback)
     return diffusion.sample_scheduler(velocity, noise, model.scheduler, steps, callback=callback,
                                       **model.schedule(steps, tokens))  # fmt: skip

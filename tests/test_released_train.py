@@ -1,0 +1,149 @@
+"""Released models trained by minisora's own trainer: `minisora train` with configs/finetune/wan2.1-t2v-1.3b-lora.yaml
+on a tiny random-weight Wan2.1 folder (tests/released_folders.py) and four tiny clips, end to end on the CPU.
+
+The run's adapter loads in diffusers' WanPipeline.load_lora_weights and gives minisora's latents; the run folder
+loads as a pipeline; a resumed run equals an uninterrupted one; the full fine-tune variant trains and samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="needs the optional diffusers: pip install -e .[diffusers]")
+pytest.importorskip("transformers", reason="needs transformers: pip install -e .[diffusers]")
+
+import released_folders as rf  # noqa: E402
+from test_released_parity import GUIDANCE, SEED, STEPS, TOLERANCE, pipeline_latents, relative_error  # noqa: E402
+
+from minisora.cli import main  # noqa: E402
+
+CAPTIONS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right",
+            "a white cat runs on the black background"]  # fmt: skip
+TINY = ["data.num_frames=9", "data.height=32", "data.width=32", "data.fps=null", "data.num_workers=0",
+        "latents.batch_size=2", "latents.val_fraction=0.25", "latents.encode_batch_size=2", "pretrained.dtype=float32",
+        "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+        "trainer.val_check_interval=2", "trainer.checkpoint_every=2", "trainer.log_every_n_steps=1",
+        "dit_train.warmup_steps=1", "lora.rank=4", "lora.alpha=8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(root, tiny Wan2.1 folder, manifest of 4 captioned 9-frame clips)."""
+    import numpy as np
+
+    from minisora.io import write_video
+
+    root = tmp_path_factory.mktemp("released-train")
+    folder = rf.build_folder(root, "wan21")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, caption in enumerate(CAPTIONS):
+        frames = (rng.random((12, 32, 32, 3)) * 255).astype(np.uint8)
+        rows.append({"path": str(write_video(frames, root / f"clip{i}.mp4", fps=8)), "caption": caption})
+    manifest = root / "clips.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, folder, manifest
+
+
+def train(setup, name: str, *extra: str, config: str = "configs/finetune/wan2.1-t2v-1.3b-lora.yaml") -> int:
+    root, folder, manifest = setup
+    args = ["train", "--config", str(rf.ROOT / config), f"pretrained.path={folder}", f"data.path={manifest}",
+            f"name={name}", f"run_dir={root / 'runs'}", f"latents.cache_root={root / 'cache'}", *TINY, *extra]  # fmt: skip
+    if "full" in config:
+        args = [a for a in args if not a.startswith("lora.")]
+    return main(args)
+
+
+def adapter(setup, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(setup[0] / "runs" / name / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_lora_run_loads_in_diffusers_with_minisora_latents(setup, capsys):
+    """A LoRA fine-tune through `minisora train`: adapter in diffusers' format with its alpha; WanPipeline with
+    load_lora_weights gives the latents of from_pretrained("runs/NAME"); the adapter moved them."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    from minisora.pipeline import TextToVideoPipeline
+
+    root, folder, _ = setup
+    assert train(setup, "lora", "trainer.max_steps=3", "dit_train.lr=0.05") == 0
+    out = capsys.readouterr().out
+    assert "loaded every transformer tensor" in out and "LoRA rank 4, alpha 8" in out and "shifted by 3" in out
+    run = root / "runs" / "lora"
+    file = run / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert json.loads(meta[LORA_ADAPTER_METADATA_KEY])["transformer.lora_alpha"] == 8
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert all(adapter(setup, "lora")[k].abs().max() > 0 for k in keys if "lora_B" in k)  # it trained
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # the frozen base is not stored
+
+    pipe = TextToVideoPipeline.from_pretrained(run)
+    F, H, W = rf.CLIPS["wan21"]
+    pipe.negative_prompt = rf.NEGATIVE
+    ours = pipe.sample_latents([rf.PROMPT], num_frames=F, height=H, width=W, steps=STEPS, guidance=GUIDANCE,
+                               seed=SEED, sampler="default")  # fmt: skip
+    ref = pipeline_latents(folder, "wan21", "default", lora=file)
+    base = pipeline_latents(folder, "wan21", "default")
+    print(f"trained LoRA: diffusers vs minisora {relative_error(ours, ref):.2e}, vs base "
+          f"{relative_error(base, ref):.2e}")  # fmt: skip
+    assert relative_error(ours, ref) <= TOLERANCE
+    assert relative_error(base, ref) > 100 * TOLERANCE
+
+    # minisora sample on the run folder writes a video
+    rc = main(["sample", "--ckpt", str(run), "--prompt", rf.PROMPT, "--steps", "2", "--frames", "9", "--height", "32",
+               "--width", "32", "--sampler", "default", "--out", str(root / "samples"), "--device", "cpu"])  # fmt: skip
+    assert rc == 0 and list((root / "samples").glob("*.mp4"))
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly(setup):
+    """4 steps in one go equal 2 steps, a stop, and a resumed run to step 4 (adapter tensors equal)."""
+    assert train(setup, "whole", "trainer.max_steps=4") == 0
+    assert train(setup, "parts", "trainer.max_steps=2") == 0
+    assert train(setup, "parts", "trainer.max_steps=4") == 0
+    whole, parts = adapter(setup, "whole"), adapter(setup, "parts")
+    assert whole.keys() == parts.keys()
+    for k in whole:
+        torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=0)
+
+
+def test_full_finetune_trains_and_samples(setup):
+    """The full variant trains every weight for a step, writes transformer/ and samples from the run folder."""
+    from minisora.pipeline import TextToVideoPipeline
+
+    root, folder, _ = setup
+    assert train(setup, "full", "trainer.max_steps=1", "dit_train.lr=0.01",
+                 config="configs/finetune/wan2.1-t2v-1.3b-full.yaml") == 0  # fmt: skip
+    run = root / "runs" / "full"
+    assert (run / "transformer" / "config.json").is_file()
+    pipe = TextToVideoPipeline.from_pretrained(run)
+    base = TextToVideoPipeline.from_pretrained(folder)
+    kw = dict(num_frames=9, height=32, width=32, steps=2, guidance=3.0, seed=0, sampler="euler")
+    tuned, original = pipe.sample_latents([rf.PROMPT], **kw), base.sample_latents([rf.PROMPT], **kw)
+    assert tuned.shape == original.shape == (1, 16, 3, 4, 4)
+    assert relative_error(tuned, original) > 100 * TOLERANCE
+
+
+def test_bad_released_configs_are_named(setup, capsys):
+    root, folder, manifest = setup
+    assert train(setup, "bad", "dit_train.prediction=x0") == 2
+    assert "dit_train.prediction='x0'; released models predict velocity" in capsys.readouterr().err
+    assert train(setup, "bad", "lora.text_encoder=true") == 2
+    assert "lora.text_encoder=true" in capsys.readouterr().err
+    rc = main(["train", "--config", str(rf.ROOT / "configs/finetune/wan2.1-t2v-1.3b-lora.yaml"),
+               f"data.path={manifest}"])  # fmt: skip
+    assert rc == 2 and "required keys not set: pretrained.path" in capsys.readouterr().err
+    assert train(setup, "bad", f"pretrained.path={root / 'nowhere'}") == 2
+    assert "no such folder" in capsys.readouterr().err
