@@ -107,13 +107,16 @@ def test_lora_run_loads_in_diffusers_with_minisora_latents(setup, capsys):
     assert rc == 0 and list((root / "samples").glob("*.mp4"))
 
 
-@pytest.mark.slow
-def test_lora_run_resumes_exactly(setup):
+def test_lora_run_resumes_exactly(setup, capsys):
     """4 steps in one go equal 2 steps, a stop, and a resumed run to step 4 (adapter tensors equal)."""
     assert train(setup, "whole", "trainer.max_steps=4") == 0
     assert train(setup, "parts", "trainer.max_steps=2") == 0
+    half = adapter(setup, "parts")
+    capsys.readouterr()
     assert train(setup, "parts", "trainer.max_steps=4") == 0
+    assert "resuming from" in capsys.readouterr().out
     whole, parts = adapter(setup, "whole"), adapter(setup, "parts")
+    assert any((half[k] - parts[k]).abs().max() > 0 for k in half)  # the resumed run trained on
     assert whole.keys() == parts.keys()
     for k in whole:
         torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=0)
@@ -145,5 +148,8 @@ def test_bad_released_configs_are_named(setup, capsys):
     rc = main(["train", "--config", str(rf.ROOT / "configs/finetune/wan2.1-t2v-1.3b-lora.yaml"),
                f"data.path={manifest}"])  # fmt: skip
     assert rc == 2 and "required keys not set: pretrained.path" in capsys.readouterr().err
+    rc = main(["train", "--config", str(rf.ROOT / "configs/finetune/wan2.1-t2v-1.3b-lora.yaml"),
+               f"pretrained.path={folder}", f"run_dir={root / 'runs'}"])  # fmt: skip
+    assert rc == 2 and "data.path is not set" in capsys.readouterr().err
     assert train(setup, "bad", f"pretrained.path={root / 'nowhere'}") == 2
     assert "no such folder" in capsys.readouterr().err

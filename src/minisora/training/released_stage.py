@@ -29,6 +29,7 @@ from minisora.models.released import LTX, ReleasedModel, dynamic_shift, load_rel
 from minisora.training.run import build_trainer, last_checkpoint, precision, run_dir, say, video_data
 
 QUANTIZE = (None, "int8")
+DEFAULT_DATA = "data/shapes/manifest.csv"  # VideoDataModule's default path: a released run must name its clips
 
 
 def load_pretrained(path: str, dtype: str = "float32", quantize: str | None = None,
@@ -64,6 +65,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
         raise ConfigError(f"{where}: init_from loads minisora DiT weights; a released model starts from "
                           "pretrained.path (to continue a released run, rerun it with the same name: it resumes)")
+    if cfg.get("shapes") is None and cfg.data.path == DEFAULT_DATA:
+        raise ConfigError(f"{where}: data.path is not set (still the shapes default {DEFAULT_DATA}); give your clips: "
+                          "data.path=MANIFEST (a CSV of path,caption[,start,end]) or a folder")  # fmt: skip
     if cfg.dit_train.prediction != "v":
         raise ConfigError(f"{where}: dit_train.prediction={cfg.dit_train.prediction!r}; released models predict "
                           "velocity (v = noise - x0): set dit_train.prediction=v")  # fmt: skip
