@@ -106,6 +106,13 @@ def test_lora_run_loads_in_diffusers_with_minisora_latents(setup, capsys):
                "--width", "32", "--sampler", "default", "--out", str(root / "samples"), "--device", "cpu"])  # fmt: skip
     assert rc == 0 and list((root / "samples").glob("*.mp4"))
 
+    # minisora export writes original-Wan / ComfyUI keys, which diffusers converts back to the same latents
+    assert main(["export", "--ckpt", str(run), "--out", str(root / "comfy.safetensors")]) == 0
+    with safe_open(str(root / "comfy.safetensors"), "pt") as f:
+        assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in set(f.keys())
+    comfy = pipeline_latents(folder, "wan21", "default", lora=root / "comfy.safetensors")
+    assert relative_error(comfy, ref) <= TOLERANCE
+
 
 def test_lora_run_resumes_exactly(setup, capsys):
     """4 steps in one go equal 2 steps, a stop, and a resumed run to step 4 (adapter tensors equal)."""

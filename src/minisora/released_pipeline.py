@@ -158,3 +158,19 @@ class ReleasedPipeline(TextToVideoPipeline):
         cond, uncond = self._condition(prompts, labels)
         velocity = diffusion.cfg_model(self.model, guidance, cond, uncond, batched=batched_cfg)
         return sample_from_noise(self.released, velocity, noise, steps, sampler, callback)
+
+
+def export_released_lora(run: str | Path, out: str | Path, format: str = "comfyui") -> Path:
+    """A released LoRA run's adapter rewritten as `format` (comfyui: original-Wan keys with alpha; diffusers) to
+    `out` (a .safetensors file, or a folder that gets pytorch_lora_weights.safetensors); returns the file."""
+    from minisora.models.lora_formats import DIFFUSERS_FILE, load_released_lora, save_released_lora
+    from minisora.models.released import load_released
+
+    cfg = run_config(run)
+    if cfg is None or not cfg.get("lora"):
+        raise ValueError(f"{run}: not a LoRA run of a released model (its config.yaml has no pretrained and lora "
+                         "sections); a full fine-tune's transformer/ is already a diffusers folder")  # fmt: skip
+    base = cfg["pretrained"]["path"]
+    denoiser = load_released(base, vae=False, text=False).denoiser  # the layers the adapter's names must fit
+    load_released_lora(Path(run) / "lora" / DIFFUSERS_FILE, denoiser)
+    return save_released_lora(out, denoiser, format=format, source=str(base))
