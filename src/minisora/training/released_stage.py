@@ -150,6 +150,8 @@ def prepare_denoiser(cfg: DictConfig, model: ReleasedModel) -> list[str]:
     targets = list(s.targets or ["self_attn", "cross_attn", "mlp"])
     add_released_lora(denoiser, s.rank, s.alpha, s.dropout, targets)
     new = [p for n, p in denoiser.named_parameters() if "lora_" in n]
+    for p in new:  # fp32 master weights (peft makes them bf16 on a bf16 base: small updates would round away)
+        p.data = p.data.float()
     frozen = [p for p in denoiser.parameters() if not p.requires_grad]
     lines.append(f"LoRA rank {s.rank}, alpha {s.alpha:g} on {', '.join(targets)}: newly initialised {_count(new)} "
                  f"(lora_B = 0, so step 0 is the base model); base frozen ({_count(frozen)}"
@@ -223,10 +225,13 @@ def describe(cfg: DictConfig, model: ReleasedModel, lit, t_shift: float, latents
     n = sum(p.numel() for p in model.denoiser.parameters())
     trainable = sum(p.numel() for p in model.denoiser.parameters() if p.requires_grad)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.denoiser.parameters():  # diffusers keeps a few small modules in fp32: name the bulk's dtype
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
     return (f"{model.family}: {n / 1e6:.2f} M parameters ({trainable / 1e6:.3f} M trainable); clip 3x{T}x{H}x{W} -> "
             f"latent {C}x{t}x{h}x{w} -> {model.denoiser.tokens(t, h, w)} tokens; t logit-normal({lit.t_mean:g}, "
             f"{lit.t_std:g}) shifted by {t_shift:.3g}; device {dev}, precision {precision(cfg.trainer.precision)}, "
-            f"weights {next(model.denoiser.parameters()).dtype}, optimizer {lit.optimizer_name}, EMA "
+            f"weights mostly {max(sizes, key=sizes.get)}, optimizer {lit.optimizer_name}, EMA "
             f"{'off' if lit.ema is None else 'on'}; latent cache {latents.folder}")  # fmt: skip
 
 
