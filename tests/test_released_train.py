@@ -55,7 +55,8 @@ def setup(tmp_path_factory):
 def train(setup, name: str, *extra: str, config: str = "configs/finetune/wan2.1-t2v-1.3b-lora.yaml") -> int:
     root, folder, manifest = setup
     args = ["train", "--config", str(rf.ROOT / config), f"pretrained.path={folder}", f"data.path={manifest}",
-            f"name={name}", f"run_dir={root / 'runs'}", f"latents.cache_root={root / 'cache'}", *TINY, *extra]  # fmt: skip
+            f"name={name}", f"run_dir={root / 'runs'}", f"latents.cache_root={root / 'cache'}", *TINY,
+            *extra]  # fmt: skip
     if "full" in config:
         args = [a for a in args if not a.startswith("lora.")]
     return main(args)
@@ -134,10 +135,18 @@ def test_full_finetune_trains_and_samples(setup):
     from minisora.pipeline import TextToVideoPipeline
 
     root, folder, _ = setup
-    assert train(setup, "full", "trainer.max_steps=1", "dit_train.lr=0.01",
+    freeze = r"dit_train.freeze=[transformer\.blocks\.0\.]"
+    assert train(setup, "full", "trainer.max_steps=1", "dit_train.lr=0.01", freeze,
                  config="configs/finetune/wan2.1-t2v-1.3b-full.yaml") == 0  # fmt: skip
     run = root / "runs" / "full"
     assert (run / "transformer" / "config.json").is_file()
+    from safetensors.torch import load_file
+
+    tuned_w = load_file(str(next((run / "transformer").glob("*.safetensors"))))
+    base_w = load_file(str(next((folder / "transformer").glob("*.safetensors"))))
+    changed = {k for k in base_w if not torch.equal(tuned_w[k], base_w[k])}
+    assert any(k.startswith("blocks.0.") for k in base_w)
+    assert changed and not {k for k in changed if k.startswith("blocks.0.")}  # dit_train.freeze held block 0
     pipe = TextToVideoPipeline.from_pretrained(run)
     base = TextToVideoPipeline.from_pretrained(folder)
     kw = dict(num_frames=9, height=32, width=32, steps=2, guidance=3.0, seed=0, sampler="euler")

@@ -57,7 +57,8 @@ class ReleasedPipeline(TextToVideoPipeline):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             offload: bool = False, lora: str | Path | None = None, lora_scale: float = 1.0) -> ReleasedPipeline:  # fmt: skip
+             offload: bool = False, lora: str | Path | None = None,
+             lora_scale: float = 1.0) -> ReleasedPipeline:  # fmt: skip
         """A diffusers folder, or a released-model run (its base + adapter or transformer); `lora`: a further LoRA
         file (diffusers or ComfyUI keys) applied at lora_scale. dtype: every part's weights (default float32)."""
         import diffusers
