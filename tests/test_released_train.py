@@ -169,6 +169,35 @@ def test_bad_released_configs_are_named(setup, capsys):
     assert rc == 2 and "data.path is not set" in capsys.readouterr().err
     assert train(setup, "bad", f"pretrained.path={root / 'nowhere'}") == 2
     assert "no such folder" in capsys.readouterr().err
+    assert train(setup, "bad", f"init_from={root / 'runs' / 'lora'}") == 2
+    assert "init_from loads minisora DiT weights; a released model starts from pretrained.path" in \
+        capsys.readouterr().err  # fmt: skip
+    rc = main(["train", "--config", str(rf.ROOT / "configs/finetune/lora.yaml"), f"init_from={folder}"])
+    assert rc == 2 and "is a released model" in capsys.readouterr().err
+
+
+def test_cache_holds_the_pipelines_prompt_embeddings(setup):
+    """`minisora cache` encodes captions exactly as WanPipeline.encode_prompt (umT5, zero-padded to 512 tokens) and
+    clips into the transformer's latent channels."""
+    import diffusers
+
+    from minisora.data.latent_store import LatentStore
+
+    root, folder, manifest = setup
+    assert main(["cache", "--config", str(rf.ROOT / "configs/finetune/wan2.1-t2v-1.3b-lora.yaml"),
+                 f"pretrained.path={folder}", f"data.path={manifest}", f"latents.cache_root={root / 'cache'}",
+                 *[a for a in TINY if not a.startswith(("trainer.", "dit_train.", "lora."))]]) == 0  # fmt: skip
+    (key,) = [d for d in (root / "cache").iterdir() if (d / "buckets.json").is_file() and
+              json.loads((d / "buckets.json").read_text())["source"] == str(manifest)][:1]  # fmt: skip
+    store = LatentStore(key)
+    batch = store.read(0, list(range(store.count(0))))
+    assert batch["latents"].shape == (4, 16, 3, 4, 4) and batch["context"].shape[1:] == (512, rf.TEXT_DIM)
+    pipe = diffusers.WanPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(batch["caption"], do_classifier_free_guidance=False, max_sequence_length=512)
+    assert sorted(batch["caption"]) == sorted(CAPTIONS)
+    torch.testing.assert_close(batch["context"], ref.float(), rtol=2e-3, atol=2e-3)  # float16 in the cache
+    assert (batch["context"][:, 20:] == 0).all()  # zero past the prompt: part of Wan's input
 
 
 @pytest.mark.parametrize("family, config", [("wan22", "wan2.2-ti2v-5b-lora"), ("ltx", "ltx-video-2b-lora")])

@@ -202,7 +202,11 @@ def finetune_base(init_from: str) -> tuple[DictConfig, str]:
     from the base; the fine-tune's experiment file and command line change what they name.
     """
     from minisora.checkpoint import CheckpointError, load_checkpoint
+    from minisora.released_pipeline import is_released
 
+    if is_released(init_from):
+        raise ConfigError(f"init_from: {init_from} is a released model (a diffusers folder or a run that fine-tuned "
+                          "one); fine-tune it with configs/finetune/<model>-lora.yaml pretrained.path=<its folder>")
     try:
         ckpt = load_checkpoint(init_from)
     except CheckpointError as e:
@@ -238,6 +242,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = OmegaConf.structured(schema())
     for layer, source in layers:
         cfg = _merge(cfg, _replacing(cfg, layer, source), source)
+    if cfg.init_from and cfg.pretrained is not None:
+        raise ConfigError(f"{path or 'config'}: init_from loads minisora DiT weights; a released model starts from "
+                          "pretrained.path (to continue a released run, rerun it with the same name: it resumes)")
     if cfg.init_from:
         base = finetune_base(cfg.init_from)
         cfg = OmegaConf.structured(schema())

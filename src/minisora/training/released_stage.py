@@ -62,9 +62,6 @@ def load_pretrained(path: str, dtype: str = "float32", quantize: str | None = No
 def check_config(cfg: DictConfig) -> None:
     """What a released-model run cannot do, named by key."""
     where = f"{cfg.name} (pretrained.path={cfg.pretrained.path})"
-    if cfg.get("init_from"):
-        raise ConfigError(f"{where}: init_from loads minisora DiT weights; a released model starts from "
-                          "pretrained.path (to continue a released run, rerun it with the same name: it resumes)")
     if cfg.get("shapes") is None and cfg.data.path == DEFAULT_DATA:
         raise ConfigError(f"{where}: data.path is not set (still the shapes default {DEFAULT_DATA}); give your clips: "
                           "data.path=MANIFEST (a CSV of path,caption[,start,end]) or a folder")  # fmt: skip
