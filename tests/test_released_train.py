@@ -210,11 +210,15 @@ def test_each_family_trains_a_step(setup, family, config, capsys):
     folder = rf.build_folder(root, family)
     F, H, W = rf.CLIPS[family]
     size = [f"data.num_frames={F}", f"data.height={H}", f"data.width={W}"]
+    if family == "wan22":  # buckets sized for the released VAE (16x) and patch (2): multiples of 32 pixels
+        size.append(f"buckets={{resolutions: {{{H}px: [{F}, 5]}}, aspect_ratios: ['1:1', '2:1'], max_upscale: 2.0}}")
     assert train(setup, family, f"pretrained.path={folder}", "trainer.max_steps=2", "dit_train.ema_decay=0.9",
                  "dit_train.lr=0.05", *size, config=f"configs/finetune/{config}.yaml") == 0  # fmt: skip
     out = capsys.readouterr().out
     shift = {"wan22": "shifted by 5", "ltx": "shifted by "}[family]
     assert shift in out and "EMA on" in out
+    # sizes and tokens from the released VAE (4x16x16) and patch (1x2x2): 5x32x96 -> 2x1x3 patches
+    assert family != "wan22" or "4 bucket sizes from 5x32x96 (6 tokens) to 9x64x64 (12 tokens)" in out
     pipe = TextToVideoPipeline.from_pretrained(root / "runs" / family)
     base = TextToVideoPipeline.from_pretrained(folder)
     kw = dict(num_frames=F, height=H, width=W, steps=2, guidance=3.0, seed=0, sampler="default")

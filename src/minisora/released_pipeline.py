@@ -20,9 +20,11 @@ import torch
 from minisora import diffusion
 from minisora.pipeline import TextToVideoPipeline, resolve_dtype
 
-# diffusers pipelines' default size and frame rate when a bare folder gives none (WanPipeline / LTXPipeline)
-DEFAULTS = {"wan": dict(num_frames=81, height=480, width=832, fps=16),
-            "ltx": dict(num_frames=161, height=512, width=704, fps=25)}  # fmt: skip
+# diffusers pipelines' default size (WanPipeline / LTXPipeline) and the model's frame rate, when a bare folder
+# gives none
+DEFAULTS = {"wan2.1-t2v": dict(num_frames=81, height=480, width=832, fps=16),
+            "wan2.2-ti2v": dict(num_frames=81, height=480, width=832, fps=24),
+            "ltx-video": dict(num_frames=161, height=512, width=704, fps=25)}  # fmt: skip
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -48,7 +50,7 @@ class ReleasedPipeline(TextToVideoPipeline):
 
     def __init__(self, released, *, config: dict[str, Any], negative_prompt: str = "", offload: bool = False):
         data = config.get("data") or {}
-        size = {**DEFAULTS[released.info.family.vae_kind], **{k: data[k] for k in ("num_frames", "height", "width")
+        size = {**DEFAULTS[released.info.family.name], **{k: data[k] for k in ("num_frames", "height", "width")
                                                              if data.get(k)}}  # fmt: skip
         super().__init__(released.denoiser, released.vae, released.text, prediction="v", num_frames=size["num_frames"],
                          height=size["height"], width=size["width"], fps=data.get("fps") or size["fps"],

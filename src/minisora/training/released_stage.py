@@ -225,8 +225,12 @@ def describe(cfg: DictConfig, model: ReleasedModel, lit, t_shift: float, latents
     sizes: dict[torch.dtype, int] = {}
     for p in model.denoiser.parameters():  # diffusers keeps a few small modules in fp32: name the bulk's dtype
         sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
-    return (f"{model.family}: {n / 1e6:.2f} M parameters ({trainable / 1e6:.3f} M trainable); clip 3x{T}x{H}x{W} -> "
-            f"latent {C}x{t}x{h}x{w} -> {model.denoiser.tokens(t, h, w)} tokens; t logit-normal({lit.t_mean:g}, "
+    clip = f"clip 3x{T}x{H}x{W} -> latent {C}x{t}x{h}x{w} -> {model.denoiser.tokens(t, h, w)} tokens"
+    if latents.video.spec is not None:  # sizes vary per batch: name the range (minisora data-stats lists them all)
+        big, small = latents.video.buckets[0], latents.video.buckets[-1]
+        clip = (f"{len(latents.video.buckets)} bucket sizes from {small.name} ({small.tokens} tokens) to {big.name} "
+                f"({big.tokens} tokens)")  # fmt: skip
+    return (f"{model.family}: {n / 1e6:.2f} M parameters ({trainable / 1e6:.3f} M trainable); {clip}; t logit-normal({lit.t_mean:g}, "
             f"{lit.t_std:g}) shifted by {t_shift:.3g}; device {dev}, precision {precision(cfg.trainer.precision)}, "
             f"weights mostly {max(sizes, key=sizes.get)}, optimizer {lit.optimizer_name}, EMA "
             f"{'off' if lit.ema is None else 'on'}; latent cache {latents.folder}")  # fmt: skip
