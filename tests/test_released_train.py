@@ -224,3 +224,30 @@ def test_each_family_trains_a_step(setup, family, config, capsys):
     kw = dict(num_frames=F, height=H, width=W, steps=2, guidance=3.0, seed=0, sampler="default")
     tuned, original = pipe.sample_latents([rf.PROMPT], **kw), base.sample_latents([rf.PROMPT], **kw)
     assert tuned.shape == original.shape and relative_error(tuned, original) > 100 * TOLERANCE
+
+
+def test_load_pretrained_options_and_a_cache_of_other_channels(setup, tmp_path):
+    """pretrained.gradient_checkpointing and quantize act on the transformer; a bad quantize value and cached
+    latents whose channels are not the transformer's are errors naming the key or file."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from minisora.config import ConfigError
+    from minisora.models.quantized import is_int8
+    from minisora.training.released_stage import check_channels, load_pretrained
+
+    folder = setup[1]
+    model = load_pretrained(str(folder), quantize="int8")
+    assert model.denoiser.transformer.is_gradient_checkpointing and is_int8(model.denoiser.transformer)
+    plain = load_pretrained(str(folder), gradient_checkpointing=False)
+    assert not plain.denoiser.transformer.is_gradient_checkpointing and not is_int8(plain.denoiser.transformer)
+    with pytest.raises(ConfigError, match="pretrained.quantize must be null or 'int8', got 'fp4'"):
+        load_pretrained(str(folder), quantize="fp4")
+
+    (tmp_path / "9x32x32").mkdir()
+    (tmp_path / "buckets.json").write_text(json.dumps({"buckets": [{"name": "9x32x32"}]}))
+    (tmp_path / "9x32x32" / "index.json").write_text(json.dumps({"latent_shape": [48, 3, 4, 4]}))
+    cfg = OmegaConf.create({"pretrained": {"path": str(folder)}})
+    with pytest.raises(ConfigError, match=r"9x32x32/index.json: latents of 48 channels, but .* in_channels 16"):
+        check_channels(cfg, plain, SimpleNamespace(folder=tmp_path))
