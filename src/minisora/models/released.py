@@ -131,7 +131,7 @@ class ReleasedModel:
     """A released model's parts as minisora uses them, and the sampling settings of its diffusers pipeline."""
 
     info: FolderInfo
-    denoiser: nn.Module  # model(x_t, t, **cond) -> v
+    denoiser: nn.Module | None  # model(x_t, t, **cond) -> v
     vae: DiffusersVAE | None
     text: T5TextEncoder | None
     scheduler: object  # the folder's own diffusers scheduler: the default sampler
@@ -139,6 +139,11 @@ class ReleasedModel:
     @property
     def family(self) -> str:
         return self.info.family.name
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The transformer's patch (t, h, w), from its config (also when the transformer is not loaded)."""
+        return (1, 1, 1) if self.info.family is LTX else tuple(self.info.configs["transformer"]["patch_size"])
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, t, h, w) of a num_frames x height x width video, as the family's pipeline computes it."""
@@ -191,25 +196,28 @@ def dynamic_shift(scheduler_config, mu: float) -> float:
 
 
 def load_released(folder: str | Path, dtype: str = "float32", frame_rate: float = 25, vae: bool = True,
-                  text: bool = True) -> ReleasedModel:  # fmt: skip
+                  text: bool = True, transformer: bool = True) -> ReleasedModel:  # fmt: skip
     """A diffusers folder of a supported family as minisora parts (weights in `dtype`: auto, float32, bfloat16).
 
-    vae/text False skip those parts (e.g. training from a latent cache needs neither). frame_rate: LTX-Video's
-    RoPE time scale (its pipeline's frame_rate, default 25).
+    vae/text/transformer False skip those parts (training from a latent cache needs neither encoder; filling the
+    cache needs no transformer: denoiser None). frame_rate: LTX-Video's RoPE time scale (its pipeline's frame_rate,
+    default 25).
     """
     diffusers = require_diffusers()
     info = describe(folder)
     family, path = info.family, info.path
-    transformer = getattr(diffusers, info.classes["transformer"]).from_pretrained(
-        path, subfolder="transformer", torch_dtype=resolve_dtype(dtype)
-    ).eval()
     autoencoder = None
     if vae:
         autoencoder = DiffusersVAE.from_pretrained(family.vae_kind, str(path), subfolder="vae", dtype=dtype)
-    if family is LTX:
-        denoiser = LTXDenoiser(transformer, *compression("ltx", info.configs["vae"]), frame_rate)
-    else:
-        denoiser = WanDenoiser(transformer, expand_timesteps=family is WAN22)
+    denoiser = None
+    if transformer:
+        net = getattr(diffusers, info.classes["transformer"]).from_pretrained(
+            path, subfolder="transformer", torch_dtype=resolve_dtype(dtype)
+        ).eval()
+        if family is LTX:
+            denoiser = LTXDenoiser(net, *compression("ltx", info.configs["vae"]), frame_rate)
+        else:
+            denoiser = WanDenoiser(net, expand_timesteps=family is WAN22)
     encoder = T5TextEncoder(path, context_length=family.context_length, dtype=dtype,
                             **TEXT_STYLE[family.vae_kind]) if text else None  # fmt: skip
     scheduler = getattr(diffusers, info.classes["scheduler"]).from_pretrained(path, subfolder="scheduler")

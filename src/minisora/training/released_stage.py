@@ -34,8 +34,8 @@ DEFAULT_DATA = "data/shapes/manifest.csv"  # VideoDataModule's default path: a r
 
 def load_pretrained(path: str, dtype: str = "float32", quantize: str | None = None,
                     gradient_checkpointing: bool = True, frame_rate: float = 25.0) -> ReleasedModel:  # fmt: skip
-    """The `pretrained` section: a diffusers folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
-    scheduler/) loaded for training.
+    """The `pretrained` section: the transformer of a diffusers folder (model_index.json, transformer/, vae/,
+    text_encoder/, tokenizer/, scheduler/) loaded for training (its VAE and text encoder: load_encoders).
 
     dtype: weights (float32, bfloat16, auto = bfloat16 on a CUDA GPU). quantize "int8": the transformer blocks'
     Linear layers frozen in 8 bits (LoRA only; models/quantized.py). gradient_checkpointing: diffusers'
@@ -47,7 +47,7 @@ def load_pretrained(path: str, dtype: str = "float32", quantize: str | None = No
     from minisora.models.diffusers_folder import FolderError
 
     try:
-        model = load_released(path, dtype=dtype, frame_rate=frame_rate)
+        model = load_released(path, dtype=dtype, frame_rate=frame_rate, vae=False, text=False)
     except FolderError as e:  # a user error, one line from the CLI: named by its key
         raise ConfigError(f"pretrained.path: {e}") from None
     if quantize == "int8":
@@ -57,6 +57,18 @@ def load_pretrained(path: str, dtype: str = "float32", quantize: str | None = No
     if gradient_checkpointing:
         model.denoiser.transformer.enable_gradient_checkpointing()
     return model
+
+
+def load_encoders(cfg: DictConfig) -> ReleasedModel:
+    """The VAE and text encoder of cfg.pretrained's folder, without the transformer: the cache is filled and they
+    are freed before the transformer is loaded, so host memory never holds umT5-XXL (~11 GiB) and the DiT at once."""
+    from minisora.models.diffusers_folder import FolderError
+
+    p = cfg.pretrained
+    try:
+        return load_released(p.path, dtype=p.dtype, frame_rate=p.frame_rate, transformer=False)
+    except FolderError as e:
+        raise ConfigError(f"pretrained.path: {e}") from None
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -89,7 +101,7 @@ def released_latents(cfg: DictConfig, model: ReleasedModel):
     """The LatentDataModule of cfg.data encoded by the released VAE and text encoder."""
     from minisora.data.latent_datamodule import LatentDataModule
 
-    video = video_data(cfg, model.vae, patch_size=model.denoiser.patch_size)
+    video = video_data(cfg, model.vae, patch_size=model.patch_size)
     return LatentDataModule(video, model.vae, model.text, **kwargs(cfg.latents))
 
 
@@ -230,8 +242,8 @@ def describe(cfg: DictConfig, model: ReleasedModel, lit, t_shift: float, latents
         big, small = latents.video.buckets[0], latents.video.buckets[-1]
         clip = (f"{len(latents.video.buckets)} bucket sizes from {small.name} ({small.tokens} tokens) to {big.name} "
                 f"({big.tokens} tokens)")  # fmt: skip
-    return (f"{model.family}: {n / 1e6:.2f} M parameters ({trainable / 1e6:.3f} M trainable); {clip}; t logit-normal({lit.t_mean:g}, "
-            f"{lit.t_std:g}) shifted by {t_shift:.3g}; device {dev}, precision {precision(cfg.trainer.precision)}, "
+    return (f"{model.family}: {n / 1e6:.2f} M parameters ({trainable / 1e6:.3f} M trainable); {clip}; t "
+            f"logit-normal({lit.t_mean:g}, {lit.t_std:g}) shifted by {t_shift:.3g}; device {dev}, precision {precision(cfg.trainer.precision)}, "
             f"weights mostly {max(sizes, key=sizes.get)}, optimizer {lit.optimizer_name}, EMA "
             f"{'off' if lit.ema is None else 'on'}; latent cache {latents.folder}")  # fmt: skip
 
@@ -239,9 +251,9 @@ def describe(cfg: DictConfig, model: ReleasedModel, lit, t_shift: float, latents
 def cache_released(cfg: DictConfig) -> Path:
     """`minisora cache` for a released model: encode the clips with its VAE and text encoder."""
     check_config(cfg)
-    model = load_pretrained(**{**kwargs(cfg.pretrained), "gradient_checkpointing": False})
-    latents = released_latents(cfg, model)
-    encode_and_free(cfg, model, latents)
+    encoders = load_encoders(cfg)
+    latents = released_latents(cfg, encoders)
+    encode_and_free(cfg, encoders, latents)
     say(f"latent cache: {latents.folder}")
     return latents.folder
 
@@ -254,11 +266,13 @@ def train_released(cfg: DictConfig) -> Path:
     check_config(cfg)
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    encoders = load_encoders(cfg)
+    latents = released_latents(cfg, encoders)
+    null, null_mask = encode_and_free(cfg, encoders, latents)
+    del encoders
     t0 = time.time()
     model = load_pretrained(**kwargs(cfg.pretrained))
-    say(f"loaded {cfg.pretrained.path} in {time.time() - t0:.1f} s")
-    latents = released_latents(cfg, model)
-    null, null_mask = encode_and_free(cfg, model, latents)
+    say(f"loaded {cfg.pretrained.path}/transformer in {time.time() - t0:.1f} s")
     resume = last_checkpoint(folder)
     report = prepare_denoiser(cfg, model)
     args: dict[str, Any] = kwargs(cfg.dit_train)
