@@ -35,7 +35,12 @@ def test_every_shipped_config_loads_and_builds_its_data_section():
             with pytest.raises(ConfigError, match="LoRA fine-tunes a trained model; set init_from="):
                 load_config(f)
             continue
-        cfg = load_config(f)
+        try:
+            cfg = load_config(f)
+        except ConfigError as e:  # released-model fine-tunes: the downloaded folder and the clips are the user's
+            assert str(e).endswith("required keys not set: pretrained.path") or (
+                f.parent.name == "released" and "required keys not set" in str(e)), f  # fmt: skip
+            cfg = load_config(f, ["pretrained.path=DIR", "data.path=clips.csv"])
         assert cfg.data.num_frames >= 1
 
 

@@ -134,6 +134,11 @@ def schema() -> type:
 
     # A pretrained diffusers autoencoder instead of training one (configs/vae/ltx.yaml, wan.yaml, sd.yaml).
     fields.append(("pretrained_vae", _section_schema(import_pretrained_vae) | None, field(default=None)))
+    from minisora.training.released_stage import load_pretrained
+
+    # A released model's diffusers folder to fine-tune (configs/finetune/wan2.1-t2v-1.3b-lora.yaml, ...): its
+    # transformer trains, its VAE and text encoder fill the latent cache; null trains minisora's own DiT.
+    fields.append(("pretrained", _section_schema(load_pretrained) | None, field(default=None)))
     return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 
@@ -258,7 +263,11 @@ def finetune_base(init_from: str) -> tuple[DictConfig, str]:
     from the base; the fine-tune's experiment file and command line change what they name.
     """
     from minisora.checkpoint import CheckpointError, load_checkpoint
+    from minisora.released_pipeline import is_released
 
+    if is_released(init_from):
+        raise ConfigError(f"init_from: {init_from} is a released model (a diffusers folder or a run that fine-tuned "
+                          "one); fine-tune it with configs/finetune/<model>-lora.yaml pretrained.path=<its folder>")
     try:
         ckpt = load_checkpoint(init_from)
     except CheckpointError as e:
@@ -294,6 +303,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = OmegaConf.structured(schema())
     for layer, source in layers:
         cfg = _merge(cfg, _replacing(cfg, layer, source), source)
+    if cfg.init_from and cfg.pretrained is not None:
+        raise ConfigError(f"{path or 'config'}: init_from loads minisora DiT weights; a released model starts from "
+                          "pretrained.path (to continue a released run, rerun it with the same name: it resumes)")
     if cfg.init_from:
         base = finetune_base(cfg.init_from)
         cfg = OmegaConf.structured(schema())
@@ -305,9 +317,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
-    if cfg.lora is not None and not cfg.init_from:
+    if cfg.lora is not None and not cfg.init_from and cfg.pretrained is None:
         raise ConfigError(f"{path or 'config'}: lora: LoRA fine-tunes a trained model; set init_from=<base run, "
-                          ".ckpt or exported folder>")
+                          ".ckpt or exported folder> or pretrained.path=<diffusers folder>")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -71,7 +71,8 @@ class TextToVideoPipeline:
         lora: str | Path | None = None,
         lora_scale: float = 1.0,
     ) -> TextToVideoPipeline:
-        """Load a Lightning checkpoint, a run folder (its newest checkpoint) or an exported folder.
+        """Load a Lightning checkpoint, a run folder (its newest checkpoint) or an exported folder; a released
+        model's diffusers folder or a run that fine-tuned one gives a ReleasedPipeline (same API).
 
         dtype applies to the DiT (default float32; "bf16" halves its memory); the autoencoder and text
         encoder run in float32. ema=False takes the raw training weights of a Lightning checkpoint.
@@ -82,7 +83,10 @@ class TextToVideoPipeline:
         from minisora.models.autoencoder import load_autoencoder
         from minisora.models.dit import VideoDiT
         from minisora.models.text import TextEncoder
+        from minisora.released_pipeline import ReleasedPipeline, is_released
 
+        if is_released(path):  # a diffusers folder, or a run that fine-tuned one (released_pipeline.py)
+            return ReleasedPipeline.load(path, device, dtype, offload=offload, lora=lora, lora_scale=lora_scale)
         ckpt = load_checkpoint(path, ema=ema)
         cfg = ckpt.config
         vae = load_autoencoder(ckpt.vae_path)

@@ -189,7 +189,15 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
 def run_export(args: argparse.Namespace) -> Path:
     from minisora.checkpoint import export_checkpoint
     from minisora.device import DTYPES
+    from minisora.released_pipeline import export_released_lora, is_released
 
+    if is_released(args.ckpt):  # a released model's LoRA run: its adapter in the ecosystem's keys
+        out = Path(args.out)
+        if out.suffix != ".safetensors" and (out / "pytorch_lora_weights.safetensors").exists() and not args.overwrite:
+            raise SampleError(f"{out}: already holds pytorch_lora_weights.safetensors; pass --overwrite to replace it")
+        file = export_released_lora(args.ckpt, out, format=args.lora_format)
+        print(file)
+        return file
     if args.dtype not in DTYPES:
         raise SampleError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     folder = export_checkpoint(
@@ -214,7 +222,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
     add_renamed_flag(p, "--cfg", "--guidance")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
+    p.add_argument("--sampler", choices=["euler", "heun", "default"], default="euler",
+                   help="ODE sampler (default: euler); released models: euler or default (their folder's scheduler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
@@ -241,6 +250,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16 for model.safetensors")
     p.add_argument("--raw-weights", action="store_true", help="export the raw training weights instead of the EMA")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--lora-format", choices=["comfyui", "diffusers"], default="comfyui",
+                   help="a released model's LoRA run: write its adapter with original-Wan/ComfyUI keys (default) or "
+                   "diffusers keys")  # fmt: skip
 
 
 def run_merge_lora(args: argparse.Namespace) -> Path:

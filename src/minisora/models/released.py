@@ -53,6 +53,8 @@ class WanDenoiser(nn.Module):
     expand_timesteps (Wan2.2 TI2V): a (B,) t is given to every token, as WanPipeline does.
     """
 
+    condition = "text"  # what minisora's trainer and pipeline ask of a denoiser: it takes context (+ mask)
+
     def __init__(self, transformer: nn.Module, expand_timesteps: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
@@ -88,6 +90,8 @@ class LTXDenoiser(nn.Module):
     positions are scaled by (temporal compression / frame_rate, spatial, spatial) of the VAE (8/25, 32, 32 for
     the released model at 25 fps), and the text mask goes to the cross-attention.
     """
+
+    condition = "text"
 
     def __init__(self, transformer: nn.Module, temporal_compression: int, spatial_compression: int,
                  frame_rate: float = 25) -> None:  # fmt: skip
@@ -128,7 +132,7 @@ class ReleasedModel:
     """A released model's parts as minisora uses them, and the sampling settings of its diffusers pipeline."""
 
     info: FolderInfo
-    denoiser: nn.Module  # model(x_t, t, **cond) -> v
+    denoiser: nn.Module | None  # model(x_t, t, **cond) -> v
     vae: DiffusersVAE | None
     text: T5TextEncoder | None
     scheduler: object  # the folder's own diffusers scheduler: the default sampler
@@ -136,6 +140,11 @@ class ReleasedModel:
     @property
     def family(self) -> str:
         return self.info.family.name
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The transformer's patch (t, h, w), from its config (also when the transformer is not loaded)."""
+        return (1, 1, 1) if self.info.family is LTX else tuple(self.info.configs["transformer"]["patch_size"])
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, t, h, w) of a num_frames x height x width video, as the family's pipeline computes it."""
@@ -188,25 +197,28 @@ def dynamic_shift(scheduler_config, mu: float) -> float:
 
 
 def load_released(folder: str | Path, dtype: str = "float32", frame_rate: float = 25, vae: bool = True,
-                  text: bool = True) -> ReleasedModel:  # fmt: skip
+                  text: bool = True, transformer: bool = True) -> ReleasedModel:  # fmt: skip
     """A diffusers folder of a supported family as minisora parts (weights in `dtype`: auto, float32, bfloat16).
 
-    vae/text False skip those parts (e.g. training from a latent cache needs neither). frame_rate: LTX-Video's
-    RoPE time scale (its pipeline's frame_rate, default 25).
+    vae/text/transformer False skip those parts (training from a latent cache needs neither encoder; filling the
+    cache needs no transformer: denoiser None). frame_rate: LTX-Video's RoPE time scale (its pipeline's frame_rate,
+    default 25).
     """
     diffusers = require_diffusers()
     info = describe(folder)
     family, path = info.family, info.path
-    transformer = getattr(diffusers, info.classes["transformer"]).from_pretrained(
-        path, subfolder="transformer", torch_dtype=resolve_dtype(dtype)
-    ).eval()
     autoencoder = None
     if vae:
         autoencoder = DiffusersVAE.from_pretrained(family.vae_kind, str(path), subfolder="vae", dtype=dtype)
-    if family is LTX:
-        denoiser = LTXDenoiser(transformer, *compression("ltx", info.configs["vae"]), frame_rate)
-    else:
-        denoiser = WanDenoiser(transformer, expand_timesteps=family is WAN22)
+    denoiser = None
+    if transformer:
+        net = getattr(diffusers, info.classes["transformer"]).from_pretrained(
+            path, subfolder="transformer", torch_dtype=resolve_dtype(dtype)
+        ).eval()
+        if family is LTX:
+            denoiser = LTXDenoiser(net, *compression("ltx", info.configs["vae"]), frame_rate)
+        else:
+            denoiser = WanDenoiser(net, expand_timesteps=family is WAN22)
     encoder = T5TextEncoder(path, context_length=family.context_length, dtype=dtype,
                             **TEXT_STYLE[family.vae_kind]) if text else None  # fmt: skip
     scheduler = getattr(diffusers, info.classes["scheduler"]).from_pretrained(path, subfolder="scheduler")
@@ -241,8 +253,18 @@ def sample_released(model: ReleasedModel, prompts: list[str], negative: str | li
     null, null_mask = model.text(negative)
     velocity = diffusion.cfg_model(model.denoiser, guidance, dict(context=context, context_mask=mask),
                                    dict(context=null, context_mask=null_mask), batched=batched)  # fmt: skip
-    tokens = model.denoiser.tokens(T, H, W)
+    return sample_from_noise(model, velocity, noise, steps, sampler, callback)
+
+
+def sample_from_noise(model: ReleasedModel, velocity: Callable, noise: torch.Tensor, steps: int,
+                      sampler: str = "default", callback: Callable | None = None) -> torch.Tensor:  # fmt: skip
+    """Integrate a (guided) velocity callable from `noise` (B, C, t, h, w) on the family's grid: "default" the
+    folder's scheduler, "euler" diffusion.sample_euler on euler_sigmas (what sample_released and the pipeline run)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} for a released model, got {sampler!r}")
+    tokens = model.denoiser.tokens(*noise.shape[2:])
     if sampler == "euler":
-        return diffusion.sample_euler(velocity, noise, model.euler_sigmas(steps, tokens).to(device), callback=callback)
+        sigmas = model.euler_sigmas(steps, tokens).to(noise.device)
+        return diffusion.sample_euler(velocity, noise, sigmas, callback=callback)
     return diffusion.sample_scheduler(velocity, noise, model.scheduler, steps, callback=callback,
                                       **model.schedule(steps, tokens))  # fmt: skip

@@ -55,7 +55,7 @@ class LitVideoDiT(L.LightningModule):
         warmup_steps: int = 100,
         lr_schedule: str = "constant",  # "constant" | "cosine"
         min_lr_ratio: float = 0.1,
-        ema_decay: float = 0.999,
+        ema_decay: float | None = 0.999,  # None: no EMA (a released base would be copied whole)
         caption_dropout: float = 0.1,
         prediction: str = "v",  # "v" | "x0" (x0 is converted to velocity; same loss)
         t_mean: float = 0.0,
@@ -82,8 +82,10 @@ class LitVideoDiT(L.LightningModule):
         self.text_encoder = text_encoder
         # EMA in fp32 (the parameters stay fp32 under mixed precision); used for sampling and export. Under FSDP
         # it is sharded like the model (configure_model), so each rank averages its own shard.
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
         self._unsharded: tuple[VideoDiT, ...] = ()  # under FSDP: the EMA's architecture on the meta device
         if model.condition == "text" and null_context is None:
             raise ValueError("a text-conditioned model needs null_context (the empty-prompt embedding) for caption dropout")
@@ -188,7 +190,7 @@ class LitVideoDiT(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Once per optimizer step (not per micro-batch), and before callbacks' on_train_batch_end, so a
         # step-N checkpoint holds the EMA of step N.
-        if self._keeps_ema():
+        if self.ema is not None and self._keeps_ema():
             self.ema.update_parameters(self.model)
 
     def _keeps_ema(self) -> bool:
@@ -214,6 +216,7 @@ class LitVideoDiT(L.LightningModule):
              "version; use dit_train.optimizer=adamw: FSDP already divides the optimizer state over the GPUs)"),
             (self.text_encoder is not None, "a text encoder trained with the DiT (lora.text_encoder)"),
             (self.compile, "dit_train.compile=true (torch.compile of sharded blocks is untested here)"),
+            (self.ema is None, "dit_train.ema_decay=null (the sharded EMA is part of this strategy; set a decay)"),
             (bool(self.frozen) or not all(p.requires_grad for p in self.model.parameters()),
              "frozen DiT weights (lora, dit_train.freeze): fine-tunes that fit one GPU; use trainer.strategy=ddp"),
         ) if bad]  # fmt: skip
@@ -230,7 +233,7 @@ class LitVideoDiT(L.LightningModule):
     def full_ema(self) -> VideoDiT | None:
         """The EMA network, whole, for sampling. Under FSDP a collective: every rank calls it, rank 0 gets the model."""
         if not self._unsharded:
-            return self.ema.module
+            return self.ema_model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the CPU
@@ -290,5 +293,5 @@ class LitVideoDiT(L.LightningModule):
 
     @property
     def ema_model(self) -> VideoDiT:
-        """The EMA copy of the network (what sampling and export use)."""
-        return self.ema.module
+        """The EMA copy of the network (what sampling and export use); the network itself when there is no EMA."""
+        return self.ema.module if self.ema is not None else self.model

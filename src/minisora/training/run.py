@@ -126,15 +126,16 @@ def ensure_data(cfg: DictConfig) -> None:
     say(f"shapes dataset: {manifest} ({time.time() - t0:.1f} s)")
 
 
-def video_data(cfg: DictConfig, vae):
-    """The VideoDataModule of cfg.data; with a `buckets` section, bucketed for this autoencoder and DiT patch."""
+def video_data(cfg: DictConfig, vae, patch_size: tuple[int, ...] | None = None):
+    """The VideoDataModule of cfg.data; with a `buckets` section, bucketed for this autoencoder and DiT patch
+    (patch_size: a released transformer's; default cfg.model.patch_size)."""
     from minisora.data.datamodule import VideoDataModule
 
     if cfg.get("buckets") is None:
         return VideoDataModule(**kwargs(cfg.data))
     from minisora.data.buckets import BucketSpec, Geometry
 
-    geometry = Geometry.of(vae, cfg.model.patch_size)
+    geometry = Geometry.of(vae, patch_size or cfg.model.patch_size)
     return VideoDataModule(**kwargs(cfg.data), buckets=BucketSpec(**kwargs(cfg.buckets)), geometry=geometry)
 
 
@@ -270,6 +271,10 @@ def cache_latents(cfg: DictConfig) -> Path:
     from minisora.models.text import TextEncoder
 
     ensure_data(cfg)
+    if cfg.get("pretrained") is not None:  # a released model: its own VAE and T5 (training/released_stage.py)
+        from minisora.training.released_stage import cache_released
+
+        return cache_released(cfg)
     vae = load_or_train_vae(cfg)
     latents = LatentDataModule(video_data(cfg, vae), vae, TextEncoder(**kwargs(cfg.text)), **kwargs(cfg.latents))
     latents.prepare_data()
@@ -338,6 +343,10 @@ def run_pipeline(cfg: DictConfig) -> None:
         save_config(cfg, folder / "config.yaml")
     say(f"run folder: {folder} (resolved config in {folder / 'config.yaml'})")
     ensure_data(cfg)
-    vae = load_or_train_vae(cfg)
-    train_dit(cfg, vae)
+    if cfg.get("pretrained") is not None:  # fine-tune a released model (training/released_stage.py)
+        from minisora.training.released_stage import train_released
+
+        train_released(cfg)
+    else:
+        train_dit(cfg, load_or_train_vae(cfg))
     say(f"pipeline finished in {time.time() - t0:.0f} s; TensorBoard: tensorboard --logdir {folder / 'logs'}")
