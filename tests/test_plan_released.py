@@ -114,7 +114,8 @@ def test_full_step_flops_match_flop_counter(folders):
     su = PR.load_released_setup(folders["wan21"])
     den = _denoiser(folders["wan21"]).float()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        den(_latent("wan21", 3), torch.tensor([0.5]), torch.randn(1, su.text_tokens, rf.TEXT_DIM)).square().mean().backward()
+        v = den(_latent("wan21", 3), torch.tensor([0.5]), torch.randn(1, su.text_tokens, rf.TEXT_DIM))
+        v.square().mean().backward()
     predicted = PR.released_step_flops(su, 3 * 64, lora=False, checkpointing=False)
     assert predicted == pytest.approx(counter.get_total_flops(), rel=0.05)
 
@@ -164,11 +165,33 @@ def test_presets_and_the_table():
     assert res["training"]["cheapest"]["switches"] == {"adamw8bit": False, "int8": False, "checkpointing": False}
 
 
-def test_cli(capsys):
+def test_cli(capsys, folders):
     assert main(["plan", "--pretrained", "ltx-video-2b", "--frames", "49", "--height", "512", "--width", "768"]) == 0
     out = capsys.readouterr().out
     assert "2,688 tokens" in out and "Training: fits 24 GiB with" in out and "computed" in out
     assert main(["plan", "--pretrained", "ltx-video-2b", "--frames", "49", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["setup"]["family"] == "ltx"
-    assert main(["plan", "--pretrained", "nowhere/model"]) == 2
-    assert "neither a preset" in capsys.readouterr().err
+    assert main(["plan", "--pretrained", str(folders["wan22"]), "--frames", "9", "--height", "64", "--width", "64",
+                 "--lora-rank", "0"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "latent 48x3x4x4 -> 3x2x2 = 12 tokens" in out and "one timestep per token" in out and "full fine-tune" in out
+    for argv, message in ((["--pretrained", "nowhere/model"], "neither a preset"),
+                          (["--released-table", "--lora-rank", "0"], "must be >= 1"),
+                          (["--released-table", "--tokens"], "give one of"),
+                          (["--pretrained", "ltx-video-2b", "--frames", "0"], "--frames must be positive")):  # fmt: skip
+        assert main(["plan", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_released_table(capsys, monkeypatch):
+    from minisora import plan_released_report as RR
+
+    monkeypatch.setattr(RR, "TABLE_CLIPS", (("ltx-video-2b", 49, 512, 768),))  # the other presets: docs/benchmarks.md
+    assert main(["plan", "--released-table"]) == 0
+    out = capsys.readouterr().out
+    assert "| ltx-video-2b 49x512x768 | 2,688 | LoRA r16, bf16 base, AdamW |" in out and "ASSUMED MFU" in out
+    rows = RR.released_table()
+    assert [r["mode"] for r in rows] == [m.format(rank=16) for m, _ in RR.TABLE_MODES]
+    lora, int8, full, master = rows
+    assert int8["gib_ckpt"] < lora["gib_ckpt"] < full["gib_ckpt"] < master["gib_ckpt"]
+    assert all(r["gib_ckpt"] <= r["gib_no_ckpt"] for r in rows)

@@ -29,7 +29,8 @@ from minisora.plan import ADAMW8BIT_BYTES, GIB, VAE_DECODE_TENSORS, check_positi
 UMT5_XXL = dict(model_type="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")  # fmt: skip
 T5_XXL = {**UMT5_XXL, "model_type": "t5", "vocab_size": 32128}
-WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True])
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                  patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)  # fmt: skip
@@ -43,7 +44,8 @@ PRESETS = {
     "wan2.2-ti2v-5b": ("wan2.2-ti2v", {**WAN_T, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
                                        "out_channels": 48}, WAN22_VAE, UMT5_XXL),
     "ltx-video-2b": ("ltx-video", dict(in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=64,
-                                       cross_attention_dim=2048, num_layers=28, caption_channels=4096), LTX_VAE, T5_XXL),
+                                       cross_attention_dim=2048, num_layers=28, caption_channels=4096),
+                     LTX_VAE, T5_XXL),
 }  # fmt: skip
 CLASSES = {"wan": ("WanTransformer3DModel", "AutoencoderKLWan"), "ltx": ("LTXVideoTransformer3DModel",
            "AutoencoderKLLTXVideo")}  # fmt: skip
@@ -99,7 +101,8 @@ class ReleasedSetup:
 
 def t5_params(cfg: dict) -> int:
     """Parameters of a T5/umT5 encoder: embeddings, attention, (gated) FFN, norms, relative position biases."""
-    d, inner, ff, layers, heads = cfg["d_model"], cfg["d_kv"] * cfg["num_heads"], cfg["d_ff"], cfg["num_layers"], cfg["num_heads"]
+    d, ff, layers, heads = cfg["d_model"], cfg["d_ff"], cfg["num_layers"], cfg["num_heads"]
+    inner = cfg["d_kv"] * heads
     gated = str(cfg.get("feed_forward_proj", "relu")).startswith("gated")
     block = 4 * d * inner + (3 if gated else 2) * d * ff + 2 * d
     biases = cfg["relative_attention_num_buckets"] * heads * (layers if cfg.get("model_type") == "umt5" else 1)
@@ -140,11 +143,13 @@ def _count(kind: str, transformer: str, vae: str, rank: int) -> dict:
     hit = [(n, m) for n, m in linears if lora.fullmatch(n)]
     first = re.compile(r"(transformer_)?blocks\.0\.")
     block = (model.blocks if kind == "wan" else model.transformer_blocks)[0]
-    return dict(params=sum(p.numel() for p in model.parameters()), block_params=sum(p.numel() for p in block.parameters()),
-                int8_params=sum(m.weight.numel() for m in blocks),
-                int8_rows=sum(m.out_features for m in blocks), vae_params=sum(p.numel() for p in vae_model.parameters()),
-                lora_params=sum(rank * (m.in_features + m.out_features) for _, m in hit) if rank else 0,
-                lora_video_layers=sum(1 for n, _ in hit if first.match(n) and not re.search(r"attn2\.to_[kv]$", n)))  # fmt: skip
+    return dict(
+        params=sum(p.numel() for p in model.parameters()), block_params=sum(p.numel() for p in block.parameters()),
+        int8_params=sum(m.weight.numel() for m in blocks), int8_rows=sum(m.out_features for m in blocks),
+        vae_params=sum(p.numel() for p in vae_model.parameters()),
+        lora_params=sum(rank * (m.in_features + m.out_features) for _, m in hit) if rank else 0,
+        lora_video_layers=sum(1 for n, _ in hit if first.match(n) and not re.search(r"attn2\.to_[kv]$", n)),
+    )  # fmt: skip
 
 
 def load_released_setup(model: str | Path, lora_rank: int = 0) -> ReleasedSetup:
@@ -159,12 +164,14 @@ def load_released_setup(model: str | Path, lora_rank: int = 0) -> ReleasedSetup:
     counts = _count(kind, json.dumps(t, sort_keys=True), json.dumps(v, sort_keys=True), lora_rank)
     kt, s = compression(kind, v)
     if kind == "wan":
-        D, ffn, patch, time_in = t["num_attention_heads"] * t["attention_head_dim"], t["ffn_dim"], list(t["patch_size"]), t.get("freq_dim", 256)
+        D = t["num_attention_heads"] * t["attention_head_dim"]
+        ffn, patch, time_in = t["ffn_dim"], list(t["patch_size"]), t.get("freq_dim", 256)
         top = [v["base_dim"], v.get("decoder_base_dim") or v["base_dim"], v.get("patch_size") or 1]
     else:
         D = t["num_attention_heads"] * t["attention_head_dim"]
         ffn, patch, time_in = 4 * D, [t.get("patch_size_t", 1), t.get("patch_size", 1), t.get("patch_size", 1)], 256
-        top = [v["block_out_channels"][0], (v.get("decoder_block_out_channels") or v["block_out_channels"])[0], v["patch_size"]]
+        decoder = v.get("decoder_block_out_channels") or v["block_out_channels"]
+        top = [v["block_out_channels"][0], decoder[0], v["patch_size"]]
     return ReleasedSetup(
         name=name, family=kind, per_token_t=family.name == "wan2.2-ti2v", depth=t["num_layers"], hidden=D,
         heads=t["num_attention_heads"], ffn=ffn, patch=patch, latent_channels=int(t["in_channels"]), time_in=time_in,
@@ -193,6 +200,13 @@ def shared_bytes(su: ReleasedSetup, tokens: int) -> float:
 
 
 # ---- training ----------------------------------------------------------------------------------
+def base_weight_bytes(su: ReleasedSetup, int8: bool) -> float:
+    """Transformer weights in bf16, or with the block linears in int8 (1 B and one fp32 scale per output row)."""
+    if not int8:
+        return 2.0 * su.params
+    return 1.0 * su.int8_params + 4.0 * su.int8_rows + 2.0 * (su.params - su.int8_params)
+
+
 def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lora: bool, int8: bool = False,
                            adamw8bit: bool, master: bool = False, checkpointing: bool, ema: bool = False,
                            device: str = "cuda") -> dict[str, float]:  # fmt: skip
@@ -200,14 +214,16 @@ def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lo
 
     lora: LoRA (rank su.lora_rank, fp32 adapters) on a frozen base in bf16, or int8 (block linears; lora only);
     otherwise a full fine-tune in bf16 (master=False: bf16 weights, gradients and AdamW moments) or with fp32
-    master weights (master=True: bf16-mixed, fp32 weights and gradients, autocast's bf16 copies).
+    master weights (master=True: bf16-mixed, fp32 weights and gradients, autocast's bf16 copies). Activations are
+    counted as with bf16 weights in every case (an int8 base computes in bf16 on CUDA; under bf16-mixed some saved
+    tensors are fp32: an underestimate there). LoRA adapters are counted in fp32, their largest dtype.
     """
     if int8 and not lora:
         raise ValueError("an int8 base is frozen: it goes with LoRA (lora=True)")
     if master and lora:
         raise ValueError("master weights are a full fine-tune's (lora=False)")
     n, D, P = batch * tokens, su.hidden, su.params
-    base = (1.0 * su.int8_params + 4.0 * su.int8_rows + 2.0 * (P - su.int8_params)) if int8 else 2.0 * P
+    base = base_weight_bytes(su, int8)
     trainable = su.lora_params if lora else P
     wb = 4.0 if lora or master else 2.0  # bytes of a trainable weight, its gradient
     state = ADAMW8BIT_BYTES if adamw8bit else (8.0 if wb == 4 else 4.0)  # torch AdamW: moments in the param dtype
@@ -268,17 +284,21 @@ def released_sampling_peak(su: ReleasedSetup, tokens: int, video: tuple[int, int
                            offload: bool, cfg_two_calls: bool, int8: bool = False) -> dict[str, float]:  # fmt: skip
     """Bytes live at the peak of sampling with classifier-free guidance, then decoding (untiled)."""
     T, H, W = video
-    weights = (1.0 * su.int8_params + 4.0 * su.int8_rows + 2.0 * (su.params - su.int8_params)) if int8 else 2.0 * su.params
+    weights = base_weight_bytes(su, int8)
     calls = batch * (1 if cfg_two_calls else 2)
     latent = batch * tokens * math.prod(su.patch) * su.latent_channels
-    forward = {"transformer forward working set": calls * (tokens * infer_bytes_per_token(su) + shared_bytes(su, tokens)),
-               "sampler state": 6 * 4.0 * latent}  # fmt: skip
-    decode = {"VAE decode working set": vae_working_set(su, T, H, W, decode=True), "decoded video (fp32)": 12.0 * T * H * W}
+    forward = {
+        "transformer forward working set": calls * (tokens * infer_bytes_per_token(su) + shared_bytes(su, tokens)),
+        "sampler state": 6 * 4.0 * latent,
+    }  # fmt: skip
+    decode = {"VAE decode working set": vae_working_set(su, T, H, W, decode=True),
+              "decoded video (fp32)": 12.0 * T * H * W}  # fmt: skip
     text, vae = {"text encoder (bf16)": 2.0 * su.text_params}, {"VAE weights (bf16)": 2.0 * su.vae_params, **decode}
     if offload:  # the text encoder visits before sampling, the VAE after it; the transformer stays
         peak = max([text, forward, vae], key=lambda p: sum(p.values()))
     else:
-        peak = {**text, "VAE weights (bf16)": 2.0 * su.vae_params, **max([forward, decode], key=lambda p: sum(p.values()))}
+        peak = {**text, "VAE weights (bf16)": 2.0 * su.vae_params,
+                **max([forward, decode], key=lambda p: sum(p.values()))}  # fmt: skip
     out = {"transformer weights": weights, **peak}
     out["total"] = sum(out.values())
     return out
@@ -292,7 +312,8 @@ def released_forward_flops(su: ReleasedSetup, tokens: int, batch: int = 1) -> di
     values = math.prod(su.patch) * su.latent_channels
     time_rows = N if su.per_token_t else batch  # Wan2.2 TI2V embeds a timestep per token
     outside = 2 * 2 * N * values * D + 2 * time_rows * (su.time_in * D + 7 * D * D) + 2 * L * (su.text_dim * D + D * D)
-    blocks = su.depth * (2 * N * (6 * D * D + 2 * D * F) + 2 * 2 * L * D * D)  # q,k,v,o x2 (q, o on video), ffn; text k, v
+    # per block: q, k, v, o of self-attention and q, o of cross-attention on the video, the FFN; k, v on the text
+    blocks = su.depth * (2 * N * (6 * D * D + 2 * D * F) + 2 * 2 * L * D * D)
     attention = su.depth * (4 * batch * tokens * tokens * D + 4 * N * su.text_tokens * D)
     return {"blocks": blocks, "attention": attention, "outside": outside, "total": blocks + attention + outside}
 
@@ -322,7 +343,7 @@ FULL_SWITCHES = {"adamw8bit": 1, "no_master": 2, "checkpointing": 3}
 SAMPLE_SWITCHES = {"offload": 1, "cfg_two_calls": 2}
 
 
-def clip_tokens(su: ReleasedSetup, frames: int, height: int, width: int) -> tuple[tuple[int, int, int], list[int], list[int]]:
+def clip_tokens(su: ReleasedSetup, frames: int, height: int, width: int) -> tuple[tuple, list[int], list[int]]:
     """(rounded clip (T, H, W), latent (C, t, h, w), token grid) as the family's VAE and patch need them."""
     pt, ph, pw = su.patch
     T, H, W = round_clip(frames, height, width, su.kt, su.s, ph, pw)
@@ -357,7 +378,8 @@ def plan_released(model: str | Path, frames: int, height: int, width: int, batch
     rows = []
     for values in itertools.product((False, True), repeat=len(switches)):
         sw = dict(zip(switches, values))
-        rows.append({**train_row(su, tokens, batch, sw, device, budget), "cost": sum(c for k, c in switches.items() if sw[k])})
+        cost = sum(c for k, c in switches.items() if sw[k])
+        rows.append({**train_row(su, tokens, batch, sw, device, budget), "cost": cost})
     rows.sort(key=lambda r: (r["cost"], r["on_device"]))
     sampling = []
     for values in itertools.product((False, True), repeat=len(SAMPLE_SWITCHES)):
@@ -367,8 +389,9 @@ def plan_released(model: str | Path, frames: int, height: int, width: int, batch
         sampling.append({"switches": sw, "components": parts, "on_device": need, "fits": need <= budget})
     caching = caching_peak(su, video)
     return {
-        "model": su.name, "setup": asdict(su), "device": device, "budget_gb": budget_gb, "clip": [frames, height, width],
-        "rounded": list(video), "latent": latent, "grid": grid, "tokens": tokens, "batch": batch,
+        "model": su.name, "setup": asdict(su), "device": device, "budget_gb": budget_gb,
+        "clip": [frames, height, width], "rounded": list(video), "latent": latent, "grid": grid, "tokens": tokens,
+        "batch": batch,
         "training": {"rows": rows, "cheapest": next((r for r in rows if r["fits"]), None)},
         "caching": {k: {**v, "on_device": on_device(v["total"], device)} for k, v in caching.items()},
         "sampling": sampling, "step_gpu": STEP_GPU, "mfu_assumed": list(STEP_MFUS),

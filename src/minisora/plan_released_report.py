@@ -10,8 +10,9 @@ NAMES = {"adamw8bit": "AdamW8bit", "int8": "int8 base", "no_master": "bf16 weigh
          "checkpointing": "checkpointing", "offload": "offload", "cfg_two_calls": "CFG as two calls"}  # fmt: skip
 HOW = ("switches: lora.rank (0: full fine-tune), optimizer adamw8bit, an int8 base (models/quantized.py), "
        "gradient checkpointing, bf16-true vs bf16-mixed (fp32 master) precision")  # fmt: skip
+MFUS = " / ".join(f"{m:.0%}" for m in STEP_MFUS)
 MFU_NOTE = (f"s/step: computed from FLOPs on an {STEP_GPU.removeprefix('NVIDIA GeForce ')} (dense bf16 peak) at an "
-            f"ASSUMED MFU of {' / '.join(f'{m:.0%}' for m in STEP_MFUS)}; not measured")  # fmt: skip
+            f"ASSUMED MFU of {MFUS}; not measured")  # fmt: skip
 
 
 def _gib(x: float) -> str:
@@ -30,9 +31,10 @@ def format_released_plan(res: dict) -> str:
     mode = f"LoRA rank {su['lora_rank']} ({su['lora_params'] / 1e6:.1f} M adapter parameters)" if su["lora_rank"] else \
         "full fine-tune"  # fmt: skip
     lines = [
-        f"{res['model']}: {su['params'] / 1e9:.2f} B parameters ({su['depth']} blocks, {su['hidden']} wide, {su['heads']} "
-        f"heads, ffn {su['ffn']}); VAE {su['kt']}x{su['s']}x{su['s']}, {C} channels ({su['vae_params'] / 1e6:.0f} M); "
-        f"text {su['text_tokens']} x {su['text_dim']} ({su['text_params'] / 1e9:.2f} B, {_gib(2 * su['text_params'])} GiB bf16)",
+        f"{res['model']}: {su['params'] / 1e9:.2f} B parameters ({su['depth']} blocks, {su['hidden']} wide, "
+        f"{su['heads']} heads, ffn {su['ffn']}); VAE {su['kt']}x{su['s']}x{su['s']}, {C} channels "
+        f"({su['vae_params'] / 1e6:.0f} M); text {su['text_tokens']} x {su['text_dim']} "
+        f"({su['text_params'] / 1e9:.2f} B, {_gib(2 * su['text_params'])} GiB bf16)",
         f"clip {F}x{H0}x{W0}" + ("" if (F, H0, W0) == (T, H, W) else f" rounded up to {T}x{H}x{W}")
         + f"; latent {C}x{t}x{h}x{w} -> {'x'.join(map(str, res['grid']))} = {res['tokens']:,} tokens "
         f"(patch {'x'.join(map(str, su['patch']))}), batch {res['batch']}"
@@ -44,13 +46,14 @@ def format_released_plan(res: dict) -> str:
         "## Caching pass (once, before training: captions, then clips; one part on the device at a time)",
         "| part | GiB on the device |", "|---|---|",
     ]  # fmt: skip
-    for part, label in (("text", "text encoder (bf16), then freed"), ("vae", "VAE encode (rough: not calibrated on this VAE)")):
+    for part, label in (("text", "text encoder (bf16), then freed"),
+                        ("vae", "VAE encode (rough: not calibrated on this VAE)")):  # fmt: skip
         lines.append(f"| {label} | {_gib(res['caching'][part]['on_device'])} |")
     lines += ["", f"## Training step, {mode}: from the cache (no text encoder or VAE on the device)"]
     rows = res["training"]["rows"]
     keys = list(rows[0]["switches"])
     lines += [f"| {' | '.join(NAMES[k] for k in keys)} | peak GiB | on device GiB | fits {budget:g} GiB | "
-              f"s/step at MFU {' / '.join(f'{m:.0%}' for m in STEP_MFUS)} |", "|" + "---|" * (len(keys) + 4)]  # fmt: skip
+              f"s/step at MFU {MFUS} |", "|" + "---|" * (len(keys) + 4)]  # fmt: skip
     for r in rows:
         marks = " | ".join("yes" if r["switches"][k] else "-" for k in keys)
         lines.append(f"| {marks} | {_gib(r['components']['total'])} | {_gib(r['on_device'])} | "
@@ -59,18 +62,20 @@ def format_released_plan(res: dict) -> str:
     if best:
         on = [NAMES[k] for k, v in best["switches"].items() if v]
         lines += ["", f"Training: fits {budget:g} GiB with {', '.join(on) or 'no switches'} "
-                      f"({_gib(best['on_device'])} GiB on the device):", "| component | GiB |", "|---|---|"]  # fmt: skip
+                      f"({_gib(best['on_device'])} GiB on the device):", "| component | GiB |",
+                  "|---|---|"]  # fmt: skip
         lines += [f"| {k} | {_gib(v)} |" for k, v in best["components"].items() if k != "total"]
     else:
         lines += ["", f"Training: does not fit {budget:g} GiB with any switch: reduce frames/size/batch, or use LoRA"]
     lines += [HOW, MFU_NOTE, "", "## Sampling (classifier-free guidance, then an untiled VAE decode; bf16 weights)",
-              f"| offload | CFG as two calls | peak GiB | on device GiB | fits {budget:g} GiB |", "|---|---|---|---|---|"]
+              f"| offload | CFG as two calls | peak GiB | on device GiB | fits {budget:g} GiB |",
+              "|---|---|---|---|---|"]  # fmt: skip
     for r in res["sampling"]:
         sw = r["switches"]
         lines.append(f"| {'yes' if sw['offload'] else '-'} | {'yes' if sw['cfg_two_calls'] else '-'} | "
                      f"{_gib(r['components']['total'])} | {_gib(r['on_device'])} | {'yes' if r['fits'] else 'no'} |")
-    lines.append(f"s/sampling step (two passes for CFG): {_secs(step_seconds(res['sample_step_flops']))} at the MFUs above "
-                 "(computed); VAE decode memory is rough (not calibrated on the released VAEs)")  # fmt: skip
+    lines.append(f"s/sampling step (two passes for CFG): {_secs(step_seconds(res['sample_step_flops']))} at the MFUs "
+                 "above (computed); VAE decode memory is rough (not calibrated on the released VAEs)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -96,12 +101,13 @@ def released_table(budget_gb: float = 24.0, rank: int = 16) -> list[dict]:
         caching = {k: v["on_device"] / GIB for k, v in res["caching"].items()}
         sampling = min(r["on_device"] for r in res["sampling"] if r["switches"]["offload"]) / GIB
         for label, args in TABLE_MODES:
-            gib = {ck: on_device(released_training_peak(su, res["tokens"], checkpointing=ck, **args)["total"], "cuda") / GIB
-                   for ck in (False, True)}  # fmt: skip
+            peaks = {ck: released_training_peak(su, res["tokens"], checkpointing=ck, **args) for ck in (False, True)}
+            gib = {ck: on_device(p["total"], "cuda") / GIB for ck, p in peaks.items()}
             secs = step_seconds(released_step_flops(su, res["tokens"], lora=args["lora"], checkpointing=True))
-            rows.append({"model": model, "clip": f"{frames}x{height}x{width}", "tokens": res["tokens"], "mode": label.format(rank=rank),
-                         "gib_no_ckpt": gib[False], "gib_ckpt": gib[True], "budget_gb": budget_gb,
-                         "seconds_ckpt": secs, "caching_gib": caching, "sampling_offload_gib": sampling})  # fmt: skip
+            rows.append({"model": model, "clip": f"{frames}x{height}x{width}", "tokens": res["tokens"],
+                         "mode": label.format(rank=rank), "gib_no_ckpt": gib[False], "gib_ckpt": gib[True],
+                         "budget_gb": budget_gb, "seconds_ckpt": secs, "caching_gib": caching,
+                         "sampling_offload_gib": sampling})  # fmt: skip
     return rows
 
 
@@ -113,8 +119,8 @@ def format_released_table(rows: list[dict]) -> str:
             return "yes"
         return "with checkpointing" if r["gib_ckpt"] <= budget else "no"
 
-    lines = [f"| model, frames x H x W | tokens | training | GiB, no checkpointing | GiB, checkpointing | fits {budget:g} GiB | "
-             f"s/step at MFU {' / '.join(f'{m:.0%}' for m in STEP_MFUS)} (checkpointing) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| model, frames x H x W | tokens | training | GiB, no checkpointing | GiB, checkpointing | "
+             f"fits {budget:g} GiB | s/step at MFU {MFUS} (checkpointing) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} {r['clip']} | {r['tokens']:,} | {r['mode']} | {r['gib_no_ckpt']:.1f} | "
                      f"{r['gib_ckpt']:.1f} | {fits(r)} | {_secs(r['seconds_ckpt'])} |")  # fmt: skip
@@ -122,8 +128,10 @@ def format_released_table(rows: list[dict]) -> str:
               "sampling, offloaded, GiB |", "|---|---|---|---|"]  # fmt: skip
     for r in rows[:: len(TABLE_MODES)]:
         c = r["caching_gib"]
-        lines.append(f"| {r['model']} {r['clip']} | {c['text']:.1f} | {c['vae']:.1f} | {r['sampling_offload_gib']:.1f} |")
+        gib = (c["text"], c["vae"], r["sampling_offload_gib"])
+        lines.append(f"| {r['model']} {r['clip']} | " + " | ".join(f"{x:.1f}" for x in gib) + " |")
     lines += ["", "All figures computed (no GPU measured them): peak live bytes + 10% allocator slack + 0.5 GiB CUDA "
               "context (assumed); batch 1; training from the latent + text cache. " + MFU_NOTE + ".",
-              f"Presets: {', '.join(PRESETS)}; `minisora plan --pretrained NAME_OR_FOLDER` gives every switch."]  # fmt: skip
+              f"Presets: {', '.join(PRESETS)}; `minisora plan --pretrained NAME_OR_FOLDER` gives every "
+              "switch."]  # fmt: skip
     return "\n".join(lines)
