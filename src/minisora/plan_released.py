@@ -50,17 +50,21 @@ PRESETS = {
 CLASSES = {"wan": ("WanTransformer3DModel", "AutoencoderKLWan"), "ltx": ("LTXVideoTransformer3DModel",
            "AutoencoderKLLTXVideo")}  # fmt: skip
 
-# What one block keeps for backward per video token, bf16 weights: (fp32 D-wide, bf16 D-wide, bf16 ffn-wide,
-# fp32 per head, fp32 scalars). fp32: the FP32LayerNorm inputs (Wan) and the q/k RMSNorm upcasts, their
-# outputs where a trained weight or modulation multiplies them, the gated residual products; bf16: the linear
-# inputs, SDPA's q, k, v and output, the cross-attention query; ffn: GELU's input and output; per head: SDPA's
-# logsumexp (self, cross); scalars: norm statistics. LoRA freezes the modulation and norms, so fewer fp32
-# outputs are kept. LTX-Video's count includes its two fp32 RoPE tables (N x D), which all blocks share.
-SAVED = {("wan", "full"): (13, 10, 2, 2, 9), ("wan", "lora"): (6, 9, 2, 2, 9),
-         ("ltx", "full"): (10, 15, 2, 2, 5), ("ltx", "lora"): (7, 11, 2, 2, 5)}  # fmt: skip
+# What one block keeps for backward per video token, as the trainer runs it (bf16 autocast, "bf16-mixed"): (fp32
+# D-wide, bf16 D-wide, bf16 ffn-wide, fp32 per head, fp32 scalars, bytes per text token x D) for a full fine-tune
+# of bf16 weights, of fp32 master weights, and LoRA (fp32 adapters on a bf16 base). fp32: the FP32LayerNorm inputs
+# (Wan) and the q/k RMSNorm upcasts, their outputs where a trained weight or modulation multiplies them, the gated
+# residual products; bf16: the linear inputs, SDPA's q, k, v and output, the cross-attention query (LoRA: autocast's
+# bf16 copies of the adapters' fp32-cast inputs); ffn: GELU's input and output; per head: SDPA's logsumexp (self,
+# cross); scalars: norm statistics; text: the cross-attention keys, values and their inputs. LoRA freezes the
+# modulation and norms, so fewer fp32 outputs are kept. LTX-Video's fp32 counts include its two RoPE tables (N x D),
+# which all blocks share. Counted on the diffusers 0.42 blocks with saved_tensors_hooks (tests/test_plan_released.py).
+SAVED = {("wan", "full"): (13, 10, 2, 2, 9, 12), ("wan", "master"): (13, 10, 2, 2, 9, 13),
+         ("wan", "lora"): (6, 13, 2, 2, 9, 13), ("ltx", "full"): (10, 15, 2, 2, 5, 12),
+         ("ltx", "master"): (11, 15, 2, 2, 5, 18), ("ltx", "lora"): (7, 15, 2, 2, 5, 14)}  # fmt: skip
+MODES = ("full", "master", "lora")
 ROPE_SHARED_F32 = {"wan": 0, "ltx": 2}  # of SAVED's fp32 D-wide tensors: the RoPE tables, counted once per model
 PER_TOKEN_T = 8  # Wan2.2 TI2V (a timestep per token): the (N, 6, D) fp32 modulation sum + two (1 + scale) tensors
-TEXT_SAVED = {"full": 12, "lora": 9}  # bytes per text token x D per block: cross-attention keys, values, their inputs
 LORA_SAVED = 2  # bytes per token x rank of each LoRA'd linear fed by video tokens: lora_A's output (bf16)
 # Assumed until measured: a no-grad block's peak per token (bf16: the input, its fp32 norm, q, k, v and the fp32
 # RMSNorm upcasts, in D units of bytes), and a backward's transient gradients (ffn-wide bf16 x 2, D-wide fp32 x 4).
@@ -181,14 +185,20 @@ def load_released_setup(model: str | Path, lora_rank: int = 0) -> ReleasedSetup:
 
 
 # ---- activations -------------------------------------------------------------------------------
-def block_saved_bytes(su: ReleasedSetup, tokens: int, lora: bool) -> float:
-    """Bytes one block keeps for backward for `tokens` video tokens (one sample), shared RoPE tables excluded."""
-    f32, b16, ffn, heads, scalars = SAVED[(su.family, "lora" if lora else "full")]
+def block_saved_bytes(su: ReleasedSetup, tokens: int, mode: str) -> float:
+    """Bytes one block keeps for backward for `tokens` video tokens (one sample), shared RoPE tables excluded.
+
+    mode: "full" (bf16 weights), "master" (fp32 weights under bf16 autocast) or "lora" (fp32 adapters, rank
+    su.lora_rank, on a frozen bf16 base; an int8 base is counted the same).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    f32, b16, ffn, heads, scalars, text = SAVED[(su.family, mode)]
     f32 += (PER_TOKEN_T if su.per_token_t else 0) - ROPE_SHARED_F32[su.family]
     per_token = (4 * f32 + 2 * b16) * su.hidden + 2 * ffn * su.ffn + 4 * heads * su.heads + 4 * scalars
-    if lora:
+    if mode == "lora":
         per_token += LORA_SAVED * su.lora_rank * su.lora_video_layers
-    return tokens * per_token + TEXT_SAVED["lora" if lora else "full"] * su.text_tokens * su.hidden
+    return tokens * per_token + text * su.text_tokens * su.hidden
 
 
 def shared_bytes(su: ReleasedSetup, tokens: int) -> float:
@@ -214,9 +224,8 @@ def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lo
 
     lora: LoRA (rank su.lora_rank, fp32 adapters) on a frozen base in bf16, or int8 (block linears; lora only);
     otherwise a full fine-tune in bf16 (master=False: bf16 weights, gradients and AdamW moments) or with fp32
-    master weights (master=True: bf16-mixed, fp32 weights and gradients, autocast's bf16 copies). Activations are
-    counted as with bf16 weights in every case (an int8 base computes in bf16 on CUDA; under bf16-mixed some saved
-    tensors are fp32: an underestimate there). LoRA adapters are counted in fp32, their largest dtype.
+    master weights (master=True: fp32 weights and gradients, autocast's bf16 copies). Activations as block_saved_bytes
+    counts them under bf16 autocast; an int8 base's as a bf16 base's (bitsandbytes computes in bf16 on CUDA).
     """
     if int8 and not lora:
         raise ValueError("an int8 base is frozen: it goes with LoRA (lora=True)")
@@ -237,7 +246,7 @@ def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lo
         "inputs, shared tensors": batch * (3 * 4.0 * tokens * math.prod(su.patch) * su.latent_channels
                                            + 2.0 * su.text_tokens * su.text_dim + shared_bytes(su, tokens)),
     }  # fmt: skip
-    block = batch * block_saved_bytes(su, tokens, lora)
+    block = batch * block_saved_bytes(su, tokens, "lora" if lora else "master" if master else "full")
     work = n * (WORK_D * D + WORK_FFN * su.ffn)
     # full: a block's gradients appear as backward passes it (the layers after the blocks' exist from the start)
     grad_outer = 4.0 * su.lora_params if lora else wb * (P - su.depth * su.block_params)
