@@ -183,7 +183,8 @@ def test_cli(capsys, folders):
     for argv, message in ((["--pretrained", "nowhere/model"], "neither a preset"),
                           (["--released-table", "--lora-rank", "0"], "must be >= 1"),
                           (["--released-table", "--tokens"], "give one of"),
-                          (["--pretrained", "ltx-video-2b", "--frames", "0"], "--frames must be positive")):  # fmt: skip
+                          (["--pretrained", "ltx-video-2b", "--frames", "0"], "--frames must be positive"),
+                          ):  # fmt: skip
         assert main(["plan", *argv]) == 2
         assert message in capsys.readouterr().err
 
@@ -194,9 +195,10 @@ def test_released_table(capsys, monkeypatch):
     monkeypatch.setattr(RR, "TABLE_CLIPS", (("ltx-video-2b", 49, 512, 768),))  # the other presets: docs/benchmarks.md
     assert main(["plan", "--released-table"]) == 0
     out = capsys.readouterr().out
-    assert "| ltx-video-2b 49x512x768 | 2,688 | LoRA r16, bf16 base, AdamW |" in out and "ASSUMED MFU" in out
+    assert "| ltx-video-2b 49x512x768 | 2,688 | LoRA r32, bf16 base, AdamW8bit (lora.yaml) |" in out
+    assert "ASSUMED MFU" in out
     rows = RR.released_table()
-    assert [r["mode"] for r in rows] == [m.format(rank=16) for m, _ in RR.TABLE_MODES]
+    assert [r["mode"] for r in rows] == [m.format(rank=32) for m, _ in RR.TABLE_MODES]
     lora, int8, full, master = rows
     assert int8["gib_ckpt"] < lora["gib_ckpt"] < full["gib_ckpt"] < master["gib_ckpt"]
     assert all(r["gib_ckpt"] <= r["gib_no_ckpt"] for r in rows)

@@ -1,6 +1,6 @@
 """Memory and time planner for the released models (Wan2.1 T2V 1.3B, Wan2.2 TI2V 5B, LTX-Video 2B, or a folder).
 
-    minisora plan --pretrained wan2.1-t2v-1.3b --frames 81 --height 480 --width 832 [--lora-rank 16]
+    minisora plan --pretrained wan2.1-t2v-1.3b --frames 81 --height 480 --width 832 [--lora-rank 32]
     minisora plan --pretrained models/wan2.1-t2v-1.3b ...      # a diffusers folder: its JSON configs only
     minisora plan --released-table                              # the 24 GB table (docs/benchmarks.md)
 
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from minisora.bench.flops import gpu_peak_flops, released_forward_flops, released_step_flops
 from minisora.plan import ADAMW8BIT_BYTES, GIB, VAE_DECODE_TENSORS, check_positive, on_device, round_clip
 
 # umT5-XXL (Wan) and T5-v1.1-XXL (LTX-Video) encoder configs, as their text_encoder/config.json give them.
@@ -313,36 +314,13 @@ def released_sampling_peak(su: ReleasedSetup, tokens: int, video: tuple[int, int
     return out
 
 
-# ---- FLOPs and time ----------------------------------------------------------------------------
-def released_forward_flops(su: ReleasedSetup, tokens: int, batch: int = 1) -> dict[str, int]:
-    """Matmul FLOPs of one transformer forward (2 per multiply-add, as bench/flops.py and FlopCounterMode count):
-    "blocks" (their linears), "attention" (QK^T and AV, self and cross), "outside" (embedders, output), "total"."""
-    N, L, D, F = batch * tokens, batch * su.text_tokens, su.hidden, su.ffn
-    values = math.prod(su.patch) * su.latent_channels
-    time_rows = N if su.per_token_t else batch  # Wan2.2 TI2V embeds a timestep per token
-    outside = 2 * 2 * N * values * D + 2 * time_rows * (su.time_in * D + 7 * D * D) + 2 * L * (su.text_dim * D + D * D)
-    # per block: q, k, v, o of self-attention and q, o of cross-attention on the video, the FFN; k, v on the text
-    blocks = su.depth * (2 * N * (6 * D * D + 2 * D * F) + 2 * 2 * L * D * D)
-    attention = su.depth * (4 * batch * tokens * tokens * D + 4 * N * su.text_tokens * D)
-    return {"blocks": blocks, "attention": attention, "outside": outside, "total": blocks + attention + outside}
-
-
-def released_step_flops(su: ReleasedSetup, tokens: int, batch: int = 1, *, lora: bool, checkpointing: bool) -> int:
-    """FLOPs the GPU runs in one training step: forward, backward (2 x forward; with LoRA the frozen linears
-    need no weight gradients: 1 x their forward), and one more forward of the blocks under checkpointing."""
-    f = released_forward_flops(su, tokens, batch)
-    backward = f["blocks"] + f["outside"] + 2 * f["attention"] if lora else 2 * f["total"]
-    return f["total"] + backward + (f["blocks"] + f["attention"] if checkpointing else 0)
-
-
+# ---- time (FLOPs: bench/flops.py) --------------------------------------------------------------
 STEP_GPU = "NVIDIA GeForce RTX 4090"
 STEP_MFUS = (0.2, 0.35, 0.5)  # ASSUMED: no GPU has measured a released model's step here
 
 
 def step_seconds(flops: float, gpu: str = STEP_GPU) -> list[float]:
     """Seconds per step at each assumed MFU (computed, not measured)."""
-    from minisora.bench.flops import gpu_peak_flops
-
     return [flops / (gpu_peak_flops(gpu) * m) for m in STEP_MFUS]
 
 
@@ -372,7 +350,7 @@ def train_row(su: ReleasedSetup, tokens: int, batch: int, sw: dict, device: str,
 
 
 def plan_released(model: str | Path, frames: int, height: int, width: int, batch: int = 1, budget_gb: float = 24.0,
-                  lora_rank: int = 16, device: str = "cuda") -> dict:  # fmt: skip
+                  lora_rank: int = 32, device: str = "cuda") -> dict:  # fmt: skip
     """Training (LoRA of lora_rank, or full with lora_rank 0) for every switch combination, the caching pass and
     sampling of a released model, with the cheapest training set that fits and step times at assumed MFUs."""
     for name, value in (("--frames", frames), ("--height", height), ("--width", width), ("--batch", batch),

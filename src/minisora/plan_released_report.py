@@ -82,15 +82,16 @@ def format_released_plan(res: dict) -> str:
 # ---- the 24 GB table ---------------------------------------------------------------------------
 TABLE_CLIPS = (("wan2.1-t2v-1.3b", 81, 480, 832), ("wan2.2-ti2v-5b", 121, 480, 832), ("wan2.2-ti2v-5b", 121, 704, 1280),
                ("ltx-video-2b", 49, 512, 768))  # fmt: skip
-TABLE_MODES = (  # (label, released_training_peak arguments)
-    ("LoRA r{rank}, bf16 base, AdamW", dict(lora=True, int8=False, adamw8bit=False)),
-    ("LoRA r{rank}, int8 base, AdamW", dict(lora=True, int8=True, adamw8bit=False)),
+TABLE_MODES = (  # (label, released_training_peak arguments); the configs/finetune/released/ modes are marked
+    ("LoRA r{rank}, bf16 base, AdamW8bit (lora.yaml)", dict(lora=True, int8=False, adamw8bit=True)),
+    ("LoRA r{rank}, int8 base, AdamW8bit", dict(lora=True, int8=True, adamw8bit=True)),
     ("full, bf16 weights, AdamW8bit", dict(lora=False, master=False, adamw8bit=True)),
-    ("full, fp32 master, AdamW", dict(lora=False, master=True, adamw8bit=False)),
+    ("full, fp32 master, AdamW8bit (full.yaml)", dict(lora=False, master=True, adamw8bit=True)),
 )
+LORA_RANK = 32  # configs/finetune/released/lora.yaml's
 
 
-def released_table(budget_gb: float = 24.0, rank: int = 16) -> list[dict]:
+def released_table(budget_gb: float = 24.0, rank: int = LORA_RANK) -> list[dict]:
     """Peak GiB on the device with and without checkpointing for each TABLE_CLIPS x TABLE_MODES, batch 1."""
     if rank < 1:
         raise ValueError(f"--lora-rank sets the rank of the table's LoRA rows: must be >= 1, got {rank}")

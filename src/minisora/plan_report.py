@@ -199,7 +199,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-dim", type=int, default=768, help="text encoder width (768: CLIP ViT-L/14)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (peak RSS with glibc's malloc)")
     p.add_argument("--lora-rank", type=int, help="plan a LoRA fine-tune of this rank (0: full training; default 0, "
-                   "16 with --pretrained)")
+                   "32 with --pretrained as in configs/finetune/released/lora.yaml)")
     p.add_argument("--pretrained", metavar="NAME_OR_FOLDER", help="plan a released model instead: a diffusers folder "
                    "(pretrained.path) or a preset (wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ltx-video-2b)")
     p.add_argument("--released-table", action="store_true", help="print the released models' 24 GB table (markdown)")
@@ -239,11 +239,11 @@ def run_plan(args: argparse.Namespace) -> None:
         from minisora import plan_released_report as RR
 
         if args.released_table:
-            rows = RR.released_table(args.budget_gb, 16 if args.lora_rank is None else args.lora_rank)
+            rows = RR.released_table(args.budget_gb, RR.LORA_RANK if args.lora_rank is None else args.lora_rank)
             print(json.dumps(rows, indent=1) if args.json else RR.format_released_table(rows))
             return
         res = RR.plan_released(args.pretrained, args.frames, args.height, args.width, args.batch, args.budget_gb,
-                               16 if args.lora_rank is None else args.lora_rank, args.device)  # fmt: skip
+                               RR.LORA_RANK if args.lora_rank is None else args.lora_rank, args.device)  # fmt: skip
         print(json.dumps(res, indent=1) if args.json else RR.format_released_plan(res))
         return
     if args.tokens:
