@@ -239,7 +239,7 @@ def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lo
     state = ADAMW8BIT_BYTES if adamw8bit else (8.0 if wb == 4 else 4.0)  # torch AdamW: moments in the param dtype
     fixed = {
         "transformer weights (int8 base)" if int8 else "transformer weights (bf16)": 0.0 if master else base,
-        "fp32 master weights + autocast bf16 copies": 6.0 * P if master else 0.0,
+        "fp32 master weights": 4.0 * P if master else 0.0,
         "LoRA adapters (fp32)": 4.0 * su.lora_params if lora else 0.0,
         "optimizer state": state * trainable,
         "EMA copy": wb * trainable if ema else 0.0,
@@ -252,15 +252,20 @@ def released_training_peak(su: ReleasedSetup, tokens: int, batch: int = 1, *, lo
     # full: a block's gradients appear as backward passes it (the layers after the blocks' exist from the start)
     grad_outer = 4.0 * su.lora_params if lora else wb * (P - su.depth * su.block_params)
     grad_block = 0.0 if lora else wb * su.block_params
-    events = []
+    # fp32 master weights: autocast caches a bf16 copy of each weight until the forward ends; backward holds the
+    # copies its saved tensors reference (a recomputed block's only, under checkpointing)
+    copy = 2.0 * su.block_params if master else 0.0
+    events = [{"activations": su.depth * (n * D * 2.0 if checkpointing else block),
+               "autocast bf16 weight copies": 2.0 * P if master else 0.0}]  # the end of the forward  # fmt: skip
     for k in range(su.depth, 0, -1):  # backward reaches block k: k blocks' activations still held
         acts = k * n * D * 2.0 + block if checkpointing else k * block
-        events.append({"gradients": grad_outer + (su.depth - k) * grad_block,
-                       "activations": acts, "backward working set": work})  # fmt: skip
+        events.append({"gradients": grad_outer + (su.depth - k) * grad_block, "activations": acts,
+                       "autocast bf16 weight copies": copy if checkpointing else k * copy,
+                       "backward working set": work})  # fmt: skip
     step_temp = wb * trainable if not adamw8bit and device == "cuda" else 0.0  # AdamW's foreach temporaries
     events.append({"gradients": wb * trainable, "optimizer step temporaries": step_temp})
     peak = max(events, key=lambda e: sum(e.values()))
-    out = {**fixed, **{k: 0.0 for k in ("gradients", "activations", "backward working set")}, **peak}
+    out = {**fixed, **peak}
     out = {k: v for k, v in out.items() if v}
     out["total"] = sum(out.values())
     return out
