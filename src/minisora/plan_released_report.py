@@ -8,8 +8,9 @@ from minisora.plan_released import (PRESETS, STEP_GPU, STEP_MFUS, load_released_
 
 NAMES = {"adamw8bit": "AdamW8bit", "int8": "int8 base", "no_master": "bf16 weights (no fp32 master)",
          "checkpointing": "checkpointing", "offload": "offload", "cfg_two_calls": "CFG as two calls"}  # fmt: skip
-HOW = ("switches: lora.rank (0: full fine-tune), optimizer adamw8bit, an int8 base (models/quantized.py), "
-       "gradient checkpointing, bf16-true vs bf16-mixed (fp32 master) precision")  # fmt: skip
+HOW = ("config keys: a lora: section with its rank (none: full fine-tune), dit_train.optimizer=adamw8bit, "
+       "pretrained.quantize=int8, pretrained.gradient_checkpointing, pretrained.dtype=float32 (fp32 master weights) "
+       "or bfloat16")  # fmt: skip
 MFUS = " / ".join(f"{m:.0%}" for m in STEP_MFUS)
 MFU_NOTE = (f"s/step: computed from FLOPs on an {STEP_GPU.removeprefix('NVIDIA GeForce ')} (dense bf16 peak) at an "
             f"ASSUMED MFU of {MFUS}; not measured")  # fmt: skip
