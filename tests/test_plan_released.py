@@ -167,6 +167,8 @@ def test_presets_and_the_table():
     assert su.params / 1e9 == pytest.approx(1.92, abs=0.01) and (su.kt, su.s, su.latent_channels) == (8, 32, 128)
     assert 2 * su.text_params / GIB == pytest.approx(8.9, abs=0.05)  # T5-XXL in bf16 (DESIGN.md)
     assert 2 * PR.t5_params(PR.UMT5_XXL) / GIB == pytest.approx(10.6, abs=0.05)  # umT5-XXL
+    wan = PR.load_released_setup("wan2.1-t2v-1.3b")  # DESIGN.md: 1.42 B parameters, VAE 4x8x8, 16 channels
+    assert wan.params / 1e9 == pytest.approx(1.42, abs=0.005) and (wan.kt, wan.s, wan.latent_channels) == (4, 8, 16)
     res = PR.plan_released("ltx-video-2b", 49, 512, 768, lora_rank=16)
     assert res["latent"] == [128, 7, 16, 24] and res["tokens"] == 2688
     assert res["training"]["cheapest"]["switches"] == {"adamw8bit": False, "int8": False, "checkpointing": False}

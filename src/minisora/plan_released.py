@@ -35,8 +35,9 @@ WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                  patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)  # fmt: skip
-LTX_VAE = dict(latent_channels=128, block_out_channels=[128, 256, 512, 512], decoder_block_out_channels=[128, 256, 512,
-               512], spatio_temporal_scaling=[True, True, True, False], patch_size=4, patch_size_t=1)  # fmt: skip
+LTX_VAE = dict(latent_channels=128, block_out_channels=[128, 256, 512, 512],
+               decoder_block_out_channels=[128, 256, 512, 512], spatio_temporal_scaling=[True, True, True, False],
+               patch_size=4, patch_size_t=1)  # fmt: skip
 WAN_T = dict(patch_size=[1, 2, 2], attention_head_dim=128, text_dim=4096, freq_dim=256, num_layers=30)
 # The released configs (DESIGN.md: checked against diffusers 0.42): name -> (family, transformer, vae, text encoder).
 PRESETS = {
