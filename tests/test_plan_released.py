@@ -187,6 +187,7 @@ def test_cli(capsys, folders):
     for argv, message in ((["--pretrained", "nowhere/model"], "neither a preset"),
                           (["--released-table", "--lora-rank", "0"], "must be >= 1"),
                           (["--released-table", "--tokens"], "give one of"),
+                          (["--pretrained", "ltx-video-2b", "--lora-targets", "mlp"], "not for a released model"),
                           (["--pretrained", "ltx-video-2b", "--frames", "0"], "--frames must be positive"),
                           ):  # fmt: skip
         assert main(["plan", *argv]) == 2

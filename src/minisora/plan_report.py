@@ -238,6 +238,11 @@ def run_plan(args: argparse.Namespace) -> None:
     if args.released_table or args.pretrained:
         from minisora import plan_released_report as RR
 
+        ignored = [k for k, v in (("--lora-targets", args.lora_targets), ("--vae", args.vae)) if v]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not for a released model (its LoRA covers every attention and "
+                             "MLP linear of the blocks; its VAE is the folder's or the preset's)")  # fmt: skip
+
         if args.released_table:
             rows = RR.released_table(args.budget_gb, RR.LORA_RANK if args.lora_rank is None else args.lora_rank)
             print(json.dumps(rows, indent=1) if args.json else RR.format_released_table(rows))
