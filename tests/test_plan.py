@@ -203,7 +203,7 @@ def test_cli_names_the_fitting_switches(capsys):
     (["--vae", "missing.yaml"], "--vae missing.yaml: file not found"),
     (["--config", "configs/shapes.yaml"], "--config go with --hours"),
     (["trainer.max_steps=10"], "key=value go with --hours"),
-    (["--hours", "--tokens"], "give one of --tokens and --hours"),
+    (["--hours", "--tokens"], "give one of --tokens, --hours, --released-table and --pretrained"),
     (["--hours", "--videos", "0"], "--videos must be positive, got 0"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_exit_2(capsys, argv, message):

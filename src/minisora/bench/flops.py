@@ -1,4 +1,5 @@
-"""Analytic FLOPs of a VideoDiT step and Model FLOPs Utilisation (MFU) against a GPU's dense bf16 peak.
+"""Analytic FLOPs of a VideoDiT step (and of the released Wan / LTX-Video transformers) and Model FLOPs Utilisation
+(MFU) against a GPU's dense bf16 peak.
 
 Convention (the one MFU papers use: Kaplan et al. 2020, PaLM appendix B): a multiply-add is 2 FLOPs, and only
 matrix products are counted (linear layers, QK^T and attention-times-V). Norms, RoPE, GELU, softmax and adaLN
@@ -11,6 +12,7 @@ FlopCounterMode leaves them out; tests/test_flops.py checks these counts against
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -102,6 +104,29 @@ def dit_train_step_flops(model: VideoDiT, t: int, h: int, w: int, batch: int = 1
     if include_recompute:
         total += fwd["total"] - fwd["patch_embed"] - fwd["adaln"] - fwd["final_layer"]
     return total
+
+
+# ---- released transformers (minisora.plan_released's ReleasedSetup) ------------------------------
+def released_forward_flops(su, tokens: int, batch: int = 1) -> dict[str, int]:
+    """Matmul FLOPs of a Wan / LTX-Video transformer forward: "blocks" (their linears), "attention" (QK^T and AV,
+    self and cross), "outside" (embedders, output), "total" (tests/test_plan_released.py: FlopCounterMode)."""
+    N, L, D, F = batch * tokens, batch * su.text_tokens, su.hidden, su.ffn
+    values = math.prod(su.patch) * su.latent_channels
+    time_rows = N if su.per_token_t else batch  # Wan2.2 TI2V embeds a timestep per token
+    # patch embedding and output projection; timestep MLP (time_in -> D -> D) and its 6 D modulation; text MLP
+    outside = 2 * 2 * N * values * D + 2 * time_rows * (su.time_in * D + 7 * D * D) + 2 * L * (su.text_dim + D) * D
+    # per block: q, k, v, o of self-attention and q, o of cross-attention on the video, the FFN; k, v on the text
+    blocks = su.depth * (2 * N * (6 * D * D + 2 * D * F) + 2 * 2 * L * D * D)
+    attention = su.depth * (4 * batch * tokens * tokens * D + 4 * N * su.text_tokens * D)
+    return {"blocks": blocks, "attention": attention, "outside": outside, "total": blocks + attention + outside}
+
+
+def released_step_flops(su, tokens: int, batch: int = 1, *, lora: bool, checkpointing: bool) -> int:
+    """FLOPs the GPU runs in one training step: forward, backward (2 x forward; with LoRA the frozen linears
+    need no weight gradients: 1 x their forward), and one more forward of the blocks under checkpointing."""
+    f = released_forward_flops(su, tokens, batch)
+    backward = f["blocks"] + f["outside"] + 2 * f["attention"] if lora else 2 * f["total"]
+    return f["total"] + backward + (f["blocks"] + f["attention"] if checkpointing else 0)
 
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s, matched against torch.cuda.get_device_name in order

@@ -198,7 +198,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-tokens", type=int, default=77, help="text context length")
     p.add_argument("--text-dim", type=int, default=768, help="text encoder width (768: CLIP ViT-L/14)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (peak RSS with glibc's malloc)")
-    p.add_argument("--lora-rank", type=int, default=0, help="plan a LoRA fine-tune of this rank (0: full training)")
+    p.add_argument("--lora-rank", type=int, help="plan a LoRA fine-tune of this rank (0: full training; default 0, "
+                   "32 with --pretrained as in configs/finetune/released/lora.yaml)")
+    p.add_argument("--pretrained", metavar="NAME_OR_FOLDER", help="plan a released model instead: a diffusers folder "
+                   "(pretrained.path) or a preset (wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ltx-video-2b)")
+    p.add_argument("--released-table", action="store_true", help="print the released models' 24 GB table (markdown)")
     p.add_argument("--lora-targets", nargs="+", help="LoRA targets (default: self_attn cross_attn mlp)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--tokens", action="store_true", help="print the token budget table instead (markdown)")
@@ -213,8 +217,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     """The plan command: the plan, the token table or the hours, as text or JSON; bad input raises ValueError."""
-    if args.tokens and args.hours:
-        raise ValueError("give one of --tokens and --hours")
+    if sum(map(bool, (args.tokens, args.hours, args.released_table, args.pretrained))) > 1:
+        raise ValueError("give one of --tokens, --hours, --released-table and --pretrained")
     hours_only = {"--config": args.config, "key=value": args.overrides, "--videos": args.videos,
                   "--eval-samples": args.eval_samples}  # fmt: skip
     if args.hours:
@@ -231,6 +235,22 @@ def run_plan(args: argparse.Namespace) -> None:
     given = [k for k, v in hours_only.items() if v not in (None, [])]
     if given:
         raise ValueError(f"{', '.join(given)} go with --hours (the GPU-hours of a recipe)")
+    if args.released_table or args.pretrained:
+        from minisora import plan_released_report as RR
+
+        ignored = [k for k, v in (("--lora-targets", args.lora_targets), ("--vae", args.vae)) if v]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not for a released model (its LoRA covers every attention and "
+                             "MLP linear of the blocks; its VAE is the folder's or the preset's)")  # fmt: skip
+
+        if args.released_table:
+            rows = RR.released_table(args.budget_gb, RR.LORA_RANK if args.lora_rank is None else args.lora_rank)
+            print(json.dumps(rows, indent=1) if args.json else RR.format_released_table(rows))
+            return
+        res = RR.plan_released(args.pretrained, args.frames, args.height, args.width, args.batch, args.budget_gb,
+                               RR.LORA_RANK if args.lora_rank is None else args.lora_rank, args.device)  # fmt: skip
+        print(json.dumps(res, indent=1) if args.json else RR.format_released_plan(res))
+        return
     if args.tokens:
         for name, value in [("--fps", args.fps), ("--height", args.height), ("--width", args.width)] + [
             ("--seconds", s) for s in args.seconds
@@ -240,7 +260,7 @@ def run_plan(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=1) if args.json else format_token_table(rows, args.fps))
         return
     res = plan(args.preset, args.frames, args.height, args.width, args.batch, args.budget_gb, args.vae,
-               args.text_tokens, args.text_dim, args.device, lora_rank=args.lora_rank,
+               args.text_tokens, args.text_dim, args.device, lora_rank=args.lora_rank or 0,
                lora_targets=args.lora_targets)  # fmt: skip
     print(json.dumps(res, indent=1) if args.json else format_plan(res))
 
