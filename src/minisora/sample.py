@@ -181,6 +181,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     sample_cfg = pipe.config.get("sample", {})
     prompts = prompts or list(sample_cfg.get("prompts") or DEFAULT_PROMPTS)
     steps = args.steps or sample_cfg.get("steps", 25)
+    sampler = args.sampler or sample_cfg.get("sampler", "euler")
     cfg = args.cfg if args.cfg is not None else sample_cfg.get("guidance", 4.0)
     fps = args.fps or pipe.fps
     T = args.frames or pipe.defaults["num_frames"]
@@ -193,9 +194,9 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         print(f"minisora sample: {note}", file=sys.stderr)
     seeds = f"{args.seed}..{args.seed + len(prompts) - 1}"
     print(f"minisora sample: {pipe.checkpoint} on {device} ({pipe.dtype}); {len(prompts)} video(s) of {T}x{H}x{W} "
-          f"at {fps:g} fps, {steps} {args.sampler} steps, cfg {cfg:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
+          f"at {fps:g} fps, {steps} {sampler} steps, cfg {cfg:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
     videos = pipe(
-        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=cfg, sampler=args.sampler, seed=args.seed,
+        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=cfg, sampler=sampler, seed=args.seed,
         batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
         batched_cfg=not args.no_cfg_batch, progress=True,
     )  # fmt: skip
@@ -239,7 +240,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="frames per second of the written files (default: the run's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default: euler)")
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc"], help="ODE sampler (default: the run's sample.sampler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
