@@ -163,6 +163,7 @@ def trained_size_note(pipe, T: int, H: int, W: int) -> str | None:
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
+    from minisora.checkpoint import best_checkpoint
     from minisora.io import save_video, write_strips
     from minisora.pipeline import TextToVideoPipeline
 
@@ -173,6 +174,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     ckpt = args.ckpt or DEFAULT_CKPT
     if args.ckpt is None and not Path(ckpt).exists():
         raise SampleError(f"no run at {ckpt} (the default of `make train`); train one first or pass --ckpt")
+    if args.best:
+        ckpt = best_checkpoint(ckpt)
     device = args.device or default_device()
     t0 = time.time()
     pipe = TextToVideoPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype or default_dtype(device),
@@ -215,12 +218,12 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from minisora.checkpoint import DTYPES, export_checkpoint
+    from minisora.checkpoint import DTYPES, best_checkpoint, export_checkpoint
 
     if args.dtype not in DTYPES:
         raise SampleError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     folder = export_checkpoint(
-        args.ckpt, args.out, ema=not args.raw_weights, dtype=args.dtype, overwrite=args.overwrite
+        best_checkpoint(args.ckpt) if args.best else args.ckpt, args.out, ema=not args.raw_weights, dtype=args.dtype, overwrite=args.overwrite
     )
     for name in ("config.yaml", "model.safetensors", "vae.safetensors"):
         print(folder / name)
@@ -257,6 +260,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep the text encoder and VAE on the CPU until used")
     p.add_argument("--no-cfg-batch", action="store_true", help="run cond and uncond as two calls (less memory)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="the run's best.ckpt (lowest val/loss) instead of its newest")
     p.add_argument("--lora", help="a LoRA adapter (<LoRA run>/lora/adapter.safetensors) to apply to --ckpt")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1 = as trained)")
 
@@ -266,6 +270,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write config.yaml, model.safetensors, vae.safetensors")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16 for model.safetensors")
     p.add_argument("--raw-weights", action="store_true", help="export the raw training weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="export the run's best.ckpt (lowest val/loss), not its newest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 
 

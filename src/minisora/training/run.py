@@ -285,6 +285,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.training import finetune
     from minisora.training.lit_dit import LitVideoDiT
     from minisora.training.sampling import SampleVideos
+    from minisora.training.validation import best_checkpoint_callback
 
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -306,7 +307,8 @@ def train_dit(cfg: DictConfig, vae) -> Path:
         say(line)
     if lit.frozen:
         say(f"frozen by dit_train.freeze: {len(lit.frozen)} tensors ({', '.join(lit.frozen[:4])}{', ...' if len(lit.frozen) > 4 else ''})")
-    callbacks = [SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))]
+    callbacks = [SampleVideos(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample)),
+                 best_checkpoint_callback(folder)]  # checkpoints/best.ckpt: lowest val/loss (`sample --best`)
     if resume or cfg.get("init_from"):
         callbacks.append(finetune.StartLoss(cfg.trainer.limit_val_batches))
     if adapter:
