@@ -8,12 +8,15 @@ Every sampler (euler, heun, unipc) at every step count samples each shapes promp
 the end of `make train` does (training.sampling.shapes_eval). Model calls per video: steps for Euler and UniPC,
 2 * steps - 1 for Heun, twice that with guidance (cond and uncond in one batch). The verdict line names the
 fewest-call setting within --tolerance of the reference (25 Euler steps) on both prompt sets and both
-measures. Figures and what they mean: docs/benchmarks.md.
+measures. With --out, each row's samples, scores and settings stay in <out>/<sampler>-<steps>/ and a rerun with
+the same checkpoint, seeds and guidance reuses them (a long table can be built in pieces). Figures and what they
+mean: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +32,13 @@ def model_calls(sampler: str, steps: int) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import torch
+
     from minisora.pipeline import TextToVideoPipeline
     from minisora.training.sampling import shapes_eval
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = TextToVideoPipeline.from_pretrained(args.ckpt)
     guidance = args.guidance if args.guidance is not None else pipe.config.get("sample", {}).get("guidance", 4.0)
     rows = []
@@ -39,12 +46,20 @@ def run(args: argparse.Namespace) -> dict:
         out = Path(args.out) if args.out else Path(tmp)
         for sampler in args.samplers:
             for steps in args.steps:
-                t0 = time.time()
-                m = shapes_eval(pipe, out / f"{sampler}-{steps}", samples_per_prompt=args.seeds, fps=pipe.fps,
-                                seed=args.seed, steps=steps, guidance=guidance, sampler=sampler)  # fmt: skip
-                rows.append({"sampler": sampler, "steps": steps, "model_calls": model_calls(sampler, steps),
-                             **{k: m[k] for k in MEASURES}, "samples": m["samples"],
-                             "seconds": round(time.time() - t0, 1)})  # fmt: skip
+                folder = out / f"{sampler}-{steps}"
+                setting = {"checkpoint": str(pipe.checkpoint), "guidance": guidance, "seeds": args.seeds,
+                           "seed": args.seed}  # fmt: skip
+                saved = json.loads((folder / "row.json").read_text()) if (folder / "row.json").is_file() else {}
+                if saved.get("setting") == setting:
+                    rows.append(saved["row"])
+                else:
+                    t0 = time.time()
+                    m = shapes_eval(pipe, folder, samples_per_prompt=args.seeds, fps=pipe.fps, seed=args.seed,
+                                    steps=steps, guidance=guidance, sampler=sampler)  # fmt: skip
+                    rows.append({"sampler": sampler, "steps": steps, "model_calls": model_calls(sampler, steps),
+                                 **{k: m[k] for k in MEASURES}, "samples": m["samples"],
+                                 "seconds": round(time.time() - t0, 1)})  # fmt: skip
+                    (folder / "row.json").write_text(json.dumps({"setting": setting, "row": rows[-1]}, indent=1))
                 print(format_row(rows[-1]), flush=True)
     results = {"checkpoint": str(pipe.checkpoint), "guidance": guidance, "seeds": args.seeds, "rows": rows,
                "reference": {"sampler": args.reference[0], "steps": int(args.reference[1])},
@@ -93,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the run's sample.guidance)")
     p.add_argument("--reference", nargs=2, default=["euler", "25"], metavar=("SAMPLER", "STEPS"))
     p.add_argument("--tolerance", type=float, default=0.02, help="allowed accuracy drop from the reference")
-    p.add_argument("--out", help="keep the sampled mp4s and eval.json per row here (default: a temporary folder)")
+    p.add_argument("--out", help="keep each row's mp4s and scores here; reruns reuse them (default: a temporary folder)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (1 ran 10x faster on a 2-core CPU shared with "
+                   "other work)")
     p.add_argument("--json", help="write the results here")
     return run_and_report(p, run, format_results, argv)
 

@@ -118,6 +118,9 @@ def test_sampler_steps_experiment_scores_every_sampler_and_step_count(tiny_base,
     assert (tmp_path / "rows" / "unipc-2" / "eval.json").is_file()
     assert r["best"] is not None and r["best"]["model_calls"] <= 2  # the reference itself qualifies
     assert "| unipc  |     2 |" in capsys.readouterr().out
+    (tmp_path / "rows" / "euler-1" / "eval.json").unlink()  # a rerun reuses the saved rows, samples nothing
+    assert steps.main(argv) == 0 and json.loads((tmp_path / "r.json").read_text())["rows"] == r["rows"]
+    assert not (tmp_path / "rows" / "euler-1" / "eval.json").exists()
 
 
 def test_sampler_steps_verdict_needs_every_measure_within_tolerance():
