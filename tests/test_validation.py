@@ -154,3 +154,40 @@ def test_video_summary_is_a_gif_with_every_frame(tmp_path):
     assert gif.format == "GIF" and gif.n_frames == 9 and gif.size == (24, 16)
     gif.seek(4)
     assert np.abs(np.asarray(gif.convert("RGB")).astype(int) - video[4]).mean() < 40  # a palette of the same frame
+
+
+def test_the_tiny_run_logs_playable_videos_and_keeps_a_best_checkpoint(tmp_path_factory):
+    """The real `minisora train` pipeline (tests/tiny_run.py): TensorBoard gets each sample prompt as a GIF video."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tiny_run import build_tiny_run
+
+    run = build_tiny_run(tmp_path_factory) / "runs" / "shapes"
+    assert checkpoint_step(best_checkpoint(run)) in (2, 4)  # it validates at steps 2 and 4
+    events = sorted((run / "logs" / "dit").glob("events.out.tfevents.*"))
+    videos = {v.tag: v.image for e in events for ev in [LegacyEventFileLoader(str(e)).Load()] for x in ev
+              for v in x.summary.value if v.tag.startswith("videos/")}  # fmt: skip
+    assert set(videos) == {"videos/a-red-circle-moving-left", "videos/a-blue-square-moving-up",
+                           "videos/a-green-triangle-moving-right"}, sorted(videos)  # fmt: skip
+    gif = Image.open(io.BytesIO(videos["videos/a-red-circle-moving-left"].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 17 and gif.size == (32, 32)
+
+
+def test_in_run_clip_score_needs_weights_and_scores_the_prompts(tmp_path, monkeypatch):
+    import open_clip
+
+    from minisora.training.sampling import SampleVideos
+
+    tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+            "patch_size": 8}, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2,
+            "layers": 1}}  # fmt: skip
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "minisora-test-clip", tiny)
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.CLIP(**tiny).state_dict(), weights)
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    with pytest.raises(ValueError, match="sample.clip_pretrained"):
+        SampleVideos(None, None, tmp_path, prompts=prompts, clip_model="minisora-test-clip")
+    cb = SampleVideos(None, None, tmp_path, prompts=prompts, clip_model="minisora-test-clip", clip_pretrained=str(weights))
+    videos = [np.random.default_rng(i).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8) for i in range(2)]
+    score = cb._clip_score(videos, torch.device("cpu"))
+    assert 0 <= score <= 100 and score == cb._clip_score(videos, torch.device("cpu"))
