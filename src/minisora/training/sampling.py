@@ -122,6 +122,7 @@ class SampleVideos(L.Callback):
             for i, (p, v) in enumerate(zip(self.prompts, videos)):
                 save_video(v, out / f"{slug(p)}.mp4", fps=self.fps)
                 if tb is not None and hasattr(tb, "add_image"):  # TensorBoard's SummaryWriter
+                    # add_video's own path (SummaryWriter.add_video writes through _get_file_writer() too)
                     tb._get_file_writer().add_summary(video_summary(f"videos/{slug(p)}", v, self.fps), step)
                     tb.add_image(f"samples/{slug(p)}", film_strip(v), step, dataformats="HWC")
             if self.clip["model_name"] is not None:
