@@ -1,7 +1,8 @@
 """How few sampling steps keep the shapes score? Colour and direction accuracy against steps, per sampler.
 
-    nice .venv/bin/python experiments/sampler_steps.py --ckpt runs/shapes --json bench/samplers-cpu.json
+    nice .venv/bin/python experiments/sampler_steps.py --ckpt runs/shapes --threads 1 --json bench/samplers-cpu.json
     .venv/bin/python experiments/sampler_steps.py --ckpt runs/shapes --samplers unipc --steps 6 8 --seeds 2
+    .venv/bin/python experiments/sampler_steps.py --analytic      # no model: the solvers' error on a known field
 
 Every sampler (euler, heun, unipc) at every step count samples each shapes prompt (training and held-out)
 `--seeds` times with the same seeds and the run's guidance, and the shapes evaluator scores them, exactly as
@@ -31,7 +32,26 @@ def model_calls(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
+def analytic_errors(steps: list[int], samplers: list[str], mu: float = 2.0, s: float = 0.5) -> dict:
+    """Largest endpoint error of each solver for data N(mu, s^2), whose flow ODE maps z to mu + s z exactly."""
+    import torch
+
+    from minisora import diffusion
+    from minisora.pipeline import SAMPLERS
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # E[noise - x0 | x_t = x], exact
+        t = t.reshape(-1, 1)
+        a = 1 - t
+        return (t - a * s**2) * (x - a * mu) / (a**2 * s**2 + t**2) - mu
+
+    z = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return {name: {n: (SAMPLERS[name](velocity, z.clone(), diffusion.timesteps(n).double()) - (mu + s * z)).abs().max().item()
+                   for n in steps} for name in samplers}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.analytic:
+        return {"analytic": analytic_errors(args.steps, args.samplers)}
     import torch
 
     from minisora.pipeline import TextToVideoPipeline
@@ -84,6 +104,13 @@ def format_row(x: dict) -> str:
 
 
 def format_results(r: dict) -> str:
+    if "analytic" in r:
+        steps = list(next(iter(r["analytic"].values())))
+        lines = ["| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{e:.4f}" for e in errors.values()) + " |"
+                  for name, errors in r["analytic"].items()]  # fmt: skip
+        return "\n".join(lines + ["(largest endpoint error over 20000 samples of N(2, 0.5^2); model calls per "
+                                   "sample: steps, Heun 2 * steps - 1)"])  # fmt: skip
     lines = ["| sampler | steps | model calls | train colour | train direction | held-out colour | "
              "held-out direction | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [format_row(x) for x in r["rows"]]
@@ -111,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="keep each row's mp4s and scores here; reruns reuse them (default: a temporary folder)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (1 ran 10x faster on a 2-core CPU shared with "
                    "other work)")
+    p.add_argument("--analytic", action="store_true", help="no model: each solver's error on a Gaussian's exact field")
     p.add_argument("--json", help="write the results here")
     return run_and_report(p, run, format_results, argv)
 

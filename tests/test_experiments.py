@@ -138,3 +138,11 @@ def test_sampler_steps_verdict_needs_every_measure_within_tolerance():
     assert (steps.best_setting(r)["sampler"], steps.best_setting(r)["steps"]) == ("unipc", 8)
     r["tolerance"] = 0.0
     assert steps.best_setting(r)["steps"] == 25
+
+
+def test_sampler_steps_analytic_mode_needs_no_model(capsys):
+    steps = experiment("sampler_steps")
+    errors = steps.analytic_errors([8], ["euler", "unipc"])
+    assert errors["unipc"][8] < 0.1 * errors["euler"][8]
+    assert steps.main(["--analytic", "--steps", "4", "8", "--samplers", "euler", "heun"]) == 0
+    assert "| heun | 0.2884 | 0.0638 |" in capsys.readouterr().out
