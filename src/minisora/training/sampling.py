@@ -63,7 +63,7 @@ class SampleVideos(L.Callback):
     With `shapes_eval`, every sampling also samples every shapes prompt (train and held-out) and logs the
     evaluator's accuracies; with `clip_model` (an open_clip name, `clip_pretrained` its tag or local file, as
     `minisora eval --clip-model` takes), the CLIP score of the `prompts`' videos. Each sampling's scores are
-    also appended to `<folder>/scores.jsonl` with the step, beside the checkpoint of that step.
+    also appended to `<folder>/scores.jsonl` with its step (the step of the checkpoint it scores).
     """
 
     def __init__(
