@@ -203,7 +203,7 @@ class LitVideoDiT(L.LightningModule):
         for k in range(T_BUCKETS):
             sel = bucket == k
             if sel.any():
-                self.log(f"train/loss_t{k}", losses[sel].mean(), batch_size=int(sel.sum()))
+                self.log(f"train/loss_q{k + 1}", losses[sel].mean(), batch_size=int(sel.sum()))  # as val/loss_q*
         return loss
 
     @torch.no_grad()
