@@ -104,7 +104,7 @@ def test_one_frame_latents_train_a_step_through_rope_and_padding():
         torch.nn.init.normal_(p, std=0.02)
     batch = {"latents": torch.randn(3, 4, 1, 8, 8), "context": torch.randn(3, 4, 16),
              "context_mask": torch.ones(3, 4, dtype=torch.bool), "caption": ["a", "b", "c"]}  # fmt: skip
-    losses, t = lit._losses(batch, train=False, batch_idx=0)
+    losses, t = lit._losses(batch)
     assert losses.shape == (3,) and torch.isfinite(losses).all()
     losses.mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

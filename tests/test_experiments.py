@@ -97,3 +97,52 @@ def test_buckets_experiment_puts_each_size_in_its_own_bucket(tmp_path):
     rows = {b["bucket"]: (b["clips"], b["tokens"]) for b in stats["buckets"]}
     assert rows == {"17x32x32": (2, 80), "17x24x40": (2, 75), "9x32x32": (2, 48), "9x24x40": (2, 45)}, rows
     assert stats["skipped"] == 0
+
+
+def test_sampler_steps_experiment_scores_every_sampler_and_step_count(tiny_base, tmp_path, monkeypatch, capsys):
+    """The full table (docs/benchmarks.md) scores the default run's 84 prompts x 4 seeds per row; here the tiny base,
+    fewer prompts, one seed, 1 and 2 steps: each row is scored by the shapes evaluator and the verdict is printed."""
+    from minisora.data import shapes
+
+    few = [c for c in shapes.all_combinations() if c[1] == "circle" and c[2] in ("left", "right")]
+    monkeypatch.setattr(shapes, "all_combinations", lambda: few)
+    steps = experiment("sampler_steps")
+    argv = ["--ckpt", str(tiny_base), "--samplers", "euler", "heun", "unipc", "--steps", "1", "2", "--seeds", "1",
+            "--reference", "euler", "2", "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "rows")]
+    assert steps.main(argv) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert [(x["sampler"], x["steps"], x["model_calls"]) for x in r["rows"]] == [
+        ("euler", 1, 1), ("euler", 2, 2), ("heun", 1, 1), ("heun", 2, 3), ("unipc", 1, 1), ("unipc", 2, 2)]
+    n = len(shapes.train_prompts()) + len(shapes.heldout_prompts())
+    assert all(x["samples"] == n and all(0 <= x[k] <= 1 for k in steps.MEASURES) for x in r["rows"]), (n, r["rows"])
+    assert (tmp_path / "rows" / "unipc-2" / "eval.json").is_file()
+    assert r["best"] is not None and r["best"]["model_calls"] <= 2  # the reference itself qualifies
+    assert "| unipc  |     2 |" in capsys.readouterr().out
+    (tmp_path / "rows" / "euler-1" / "eval.json").unlink()  # a rerun reuses the saved rows, samples nothing
+    assert steps.main(argv) == 0 and json.loads((tmp_path / "r.json").read_text())["rows"] == r["rows"]
+    assert not (tmp_path / "rows" / "euler-1" / "eval.json").exists()
+
+
+def test_sampler_steps_verdict_needs_every_measure_within_tolerance():
+    steps = experiment("sampler_steps")
+    m = steps.MEASURES
+
+    def row(sampler, n, *acc):
+        return {"sampler": sampler, "steps": n, "model_calls": steps.model_calls(sampler, n), **dict(zip(m, acc))}
+
+    rows = [row("euler", 25, 1.0, 0.98, 1.0, 0.95), row("heun", 4, 1.0, 0.99, 1.0, 0.99),
+            row("unipc", 4, 1.0, 0.90, 1.0, 0.97), row("unipc", 8, 0.99, 0.97, 0.98, 0.93)]
+    r = {"rows": rows, "reference": {"sampler": "euler", "steps": 25}, "tolerance": 0.02}
+    assert steps.best_setting(r)["sampler"] == "heun"  # 7 calls; unipc 4 misses train direction by 0.08
+    r["rows"] = rows[:1] + rows[2:]
+    assert (steps.best_setting(r)["sampler"], steps.best_setting(r)["steps"]) == ("unipc", 8)
+    r["tolerance"] = 0.0
+    assert steps.best_setting(r)["steps"] == 25
+
+
+def test_sampler_steps_analytic_mode_needs_no_model(capsys):
+    steps = experiment("sampler_steps")
+    errors = steps.analytic_errors([8], ["euler", "unipc"])
+    assert errors["unipc"][8] < 0.1 * errors["euler"][8]
+    assert steps.main(["--analytic", "--steps", "4", "8", "--samplers", "euler", "heun"]) == 0
+    assert "| heun | 0.2884 | 0.0638 |" in capsys.readouterr().out

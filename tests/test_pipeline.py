@@ -78,6 +78,7 @@ def test_callback_runs_once_per_step_and_samplers_differ(pipe):
     pipe([RED, BLUE], steps=2, batch_size=1, callback=lambda info: seen.append((info["i"], info["batch"])))
     assert seen == [(0, 0), (1, 0), (0, 1), (1, 1)]
     assert diff(pipe(RED, steps=4, sampler="heun"), euler) > 0
+    assert diff(pipe(RED, steps=4, sampler="unipc"), euler) > 0
 
 
 def test_guidance_batching_does_not_change_the_result(pipe):
@@ -153,7 +154,7 @@ def test_image_to_video_keeps_the_first_frame(pipe, shapes_clip, tmp_path):
     """The kept frame comes back as the autoencoder's reconstruction of the image (exact up to rounding)."""
     image = shapes_clip[0]  # (32, 32, 3)
     reconstruction = pipe.decode(pipe.encode_frames(image[None]))[0][0]
-    for sampler in ("euler", "heun"):
+    for sampler in ("euler", "heun", "unipc"):
         videos = pipe([RED, BLUE], image=image, seed=1, sampler=sampler, **FAST)
         for v in videos:
             assert diff(v[0], reconstruction) <= 1

@@ -153,6 +153,18 @@ def test_export_command_round_trip(run, tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
 
 
+
+def test_best_takes_the_runs_lowest_validation_checkpoint(run, tmp_path, capsys):
+    best = run / "checkpoints" / "best.ckpt"  # the tiny run validates every 2 steps (training.validation)
+    assert best.is_file()
+    assert main(["sample", "--ckpt", str(run), "--best", "--out", str(tmp_path / "out"), *FAST]) == 0
+    assert f"minisora sample: {best} on" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(run), "--best", "--out", str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    assert main(["sample", "--ckpt", str(tmp_path / "fresh"), "--best", "--out", str(tmp_path / "out")]) == 2
+    assert "no best.ckpt" in capsys.readouterr().err
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -6,7 +6,7 @@ Three things name a DiT checkpoint:
   - an exported folder (config.yaml + model.safetensors + vae.safetensors, see `export_checkpoint`), which
     needs neither Lightning nor pickle;
   - a run folder (`runs/<name>`), meaning its newest complete checkpoint (newest_checkpoint: the one rule
-    resume shares).
+    resume shares), or with --best its best.ckpt (lowest validation loss, best_checkpoint).
 The config travels with the weights (checkpoint["minisora_config"]).
 """
 
@@ -95,6 +95,20 @@ def newest_checkpoint(folder: Path) -> Path | None:
         warnings.warn(f"{path} is incomplete or corrupt (its CRC check fails); using another", stacklevel=2)
     return None
 
+
+
+def best_checkpoint(run: str | Path) -> Path:
+    """<run>/checkpoints/best.ckpt: the weights with the lowest fixed-grid val/loss (training.validation), checked whole."""
+    run = Path(run)
+    folder = run if run.name == "checkpoints" else run / "checkpoints"
+    best = folder / "best.ckpt"
+    if not best.is_file():
+        why = ("its validation has not run yet (trainer.val_check_interval) or it has no validation clips "
+               "(latents.val_fraction)") if folder.is_dir() else "it is not a run folder (no checkpoints/)"
+        raise CheckpointError(f"{run}: no {best.name} in {folder}: {why}; --best takes a run folder (runs/<name>)")
+    if checkpoint_step(best) is None:
+        raise CheckpointError(f"{best} is incomplete or corrupt; sample the newest checkpoint instead (drop --best)")
+    return best
 
 def find_checkpoint(path: str | Path) -> tuple[str, Path]:
     """("lightning", file) or ("exported", model.safetensors) for a file, exported folder or run folder."""

@@ -136,6 +136,56 @@ def sample_heun(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback:
     return x
 
 
+
+def _log_snr(t: float) -> float:
+    """lambda(t) = log(alpha / sigma) = log((1 - t) / t) on the flow path: -inf at t = 1 (noise), +inf at t = 0."""
+    return math.log((1 - t) / t) if 0 < t < 1 else (-math.inf if t >= 1 else math.inf)
+
+
+@torch.no_grad()
+def sample_unipc(model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback: Callable | None = None,
+                 **cond) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023; bh2, order 2, data prediction) in flow form; one model call per step.
+
+    Each step from t to s is the exact solution for a constant clean-sample estimate, x_s = (s/t) x + (1 - s/t) x0
+    (DDIM, which on this path equals Euler), with x0 extrapolated linearly in lambda = log((1 - t) / t) from the
+    last two estimates (the predictor, = DPM-Solver++(2M)); the next step's model call then corrects the
+    point it was made at (the corrector, UniC) at no extra cost. Steps next to t = 1 (lambda = -inf) and the
+    last step to t = 0 are first order, as in diffusers' UniPCMultistepScheduler(solver_order=2,
+    lower_order_final=True), which this matches to float rounding on the same grid (see tests).
+    """
+    B = x.shape[0]
+    ts_f = [float(t) for t in ts]
+    lam = [_log_snr(t) for t in ts_f]
+    x0s: list[torch.Tensor] = []  # clean-sample estimates at ts[0], ts[1], ...
+    x_start = x  # where the last step started from (what the corrector redoes)
+    for i in range(len(ts) - 1):
+        t, s = ts_f[i], ts_f[i + 1]
+        x0 = x - t * model(x, ts[i].expand(B), **cond)  # (B, ...)
+        if i > 0:  # UniC: redo the step ts[i-1] -> t with this estimate, x0 at ts[i-1] and (order 2) at ts[i-2]
+            t0, m0 = ts_f[i - 1], x0s[-1]
+            base = (t / t0) * x_start + (1 - t / t0) * m0
+            h = lam[i] - lam[i - 1]
+            if i > 1:  # order 2
+                phi1 = math.expm1(-h) / -h - 1  # phi terms of the bh2 variant, divided by B(h) = expm1(-h)
+                b1, b2 = phi1 / math.expm1(-h), 2 * (phi1 / -h - 0.5) / math.expm1(-h)
+                r = (lam[i - 2] - lam[i - 1]) / h  # < 0: the earlier point, in units of this step
+                # r = -inf (that point is t = 1): its weight tends to 0, the limit of diffusers' sigma_max -> 1
+                rho0 = (b1 - b2) / (1 - r) if math.isfinite(r) else 0.0
+                earlier = rho0 * (x0s[-2] - m0) / r if rho0 else 0.0
+                x = base + (1 - t / t0) * (earlier + (b1 - rho0) * (x0 - m0))
+            else:  # the step from t = 1: lambda = -inf, UniC of order 1
+                x = base + (1 - t / t0) * 0.5 * (x0 - m0)
+        if callback is not None:
+            callback(dict(i=i, t=ts[i], x=x, denoised=x0))
+        x0s.append(x0)
+        x_start, target = x, x0
+        if i > 0 and s > 0 and math.isfinite(lam[i - 1]):  # predictor: x0 extrapolated to the step's midpoint
+            r = (lam[i] - lam[i - 1]) / (_log_snr(s) - lam[i])
+            target = x0 + (x0 - x0s[-2]) / (2 * r)
+        x = (s / t) * x + (1 - s / t) * target
+    return x
+
 def _pad_tokens(a: torch.Tensor, length: int) -> torch.Tensor:
     """Pad (B, L, ...) with zeros (or False) along L to length."""
     pad = length - a.shape[1]

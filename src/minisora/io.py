@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
 from functools import lru_cache
@@ -273,13 +274,19 @@ def write_video(
     return path
 
 
+def gif_bytes(frames: np.ndarray | torch.Tensor, fps: float = 8) -> bytes:
+    """An animated GIF that loops, as bytes (a file's content, or TensorBoard's video summary)."""
+    images = [Image.fromarray(f) for f in to_uint8_frames(frames)]
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
+    return out.getvalue()
+
+
 def write_gif(frames: np.ndarray | torch.Tensor, path: str | Path, fps: float = 8) -> Path:
     """Write an animated GIF that loops, for quick previews."""
-    frames = to_uint8_frames(frames)
     path = Path(path)
     tmp = _atomic_target(path)
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
+    tmp.write_bytes(gif_bytes(frames, fps))
     os.replace(tmp, path)
     return path
 

@@ -53,7 +53,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from minisora.cli.common import add_renamed_flag
 
     add_renamed_flag(p, "--cfg", "--guidance")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc"], help="ODE sampler (default: the run's sample.sampler)")
     p.add_argument("--batch-size", type=int, default=8, help="videos sampled and scored at once (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loader processes reading clips (default 2)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -317,7 +317,7 @@ def _sampling(pipe, args: argparse.Namespace) -> dict:
     T, H, W = pipe.valid_size(T, pipe.defaults["height"], pipe.defaults["width"])
     return {"steps": args.steps or sample_cfg.get("steps", 25),
             "guidance": args.guidance if args.guidance is not None else sample_cfg.get("guidance", 4.0),
-            "sampler": args.sampler, "sampled_size": [T, H, W]}  # fmt: skip
+            "sampler": args.sampler or sample_cfg.get("sampler", "euler"), "sampled_size": [T, H, W]}  # fmt: skip
 
 
 def _prompts(pipe, order: list, n: int) -> tuple[list[str], list[str]]:

@@ -135,6 +135,7 @@ def trained_size_note(pipe, T: int, H: int, W: int) -> str | None:
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The sample command: check everything, load the pipeline, sample in batches, write one file per prompt."""
+    from minisora.checkpoint import best_checkpoint
     from minisora.device import default_device, default_dtype
     from minisora.io import save_video, write_strips
     from minisora.pipeline import TextToVideoPipeline
@@ -146,6 +147,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     ckpt = args.ckpt or DEFAULT_CKPT
     if args.ckpt is None and not Path(ckpt).exists():
         raise SampleError(f"no run at {ckpt} (the default of `make train`); train one first or pass --ckpt")
+    if args.best:
+        ckpt = best_checkpoint(ckpt)
     device = args.device or default_device()
     t0 = time.time()
     pipe = TextToVideoPipeline.from_pretrained(ckpt, device=device, dtype=args.dtype or default_dtype(device),
@@ -154,6 +157,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     sample_cfg = pipe.config.get("sample", {})
     prompts = prompts or list(sample_cfg.get("prompts") or DEFAULT_PROMPTS)
     steps = args.steps or sample_cfg.get("steps", 25)
+    sampler = args.sampler or sample_cfg.get("sampler", "euler")
     guidance = args.guidance if args.guidance is not None else sample_cfg.get("guidance", 4.0)
     fps = args.fps or pipe.fps
     T = args.frames or pipe.defaults["num_frames"]
@@ -166,9 +170,9 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         print(f"minisora sample: {note}", file=sys.stderr)
     seeds = f"{args.seed}..{args.seed + len(prompts) - 1}"
     print(f"minisora sample: {pipe.checkpoint} on {device} ({pipe.dtype}); {len(prompts)} video(s) of {T}x{H}x{W} "
-          f"at {fps:g} fps, {steps} {args.sampler} steps, guidance {guidance:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
+          f"at {fps:g} fps, {steps} {sampler} steps, guidance {guidance:g}, seeds {seeds}", file=sys.stderr)  # fmt: skip
     videos = pipe(
-        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=guidance, sampler=args.sampler, seed=args.seed,
+        prompts, num_frames=T, height=H, width=W, steps=steps, guidance=guidance, sampler=sampler, seed=args.seed,
         batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
         batched_cfg=not args.no_cfg_batch, progress=True,
     )  # fmt: skip
@@ -187,7 +191,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from minisora.checkpoint import export_checkpoint
+    from minisora.checkpoint import best_checkpoint, export_checkpoint
     from minisora.device import DTYPES
     from minisora.released_pipeline import export_released_lora, is_released
 
@@ -201,7 +205,8 @@ def run_export(args: argparse.Namespace) -> Path:
     if args.dtype not in DTYPES:
         raise SampleError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     folder = export_checkpoint(
-        args.ckpt, args.out, ema=not args.raw_weights, dtype=args.dtype, overwrite=args.overwrite
+        best_checkpoint(args.ckpt) if args.best else args.ckpt, args.out, ema=not args.raw_weights, dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     for name in ("config.yaml", "model.safetensors", "vae.safetensors"):
         print(folder / name)
@@ -222,8 +227,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale >= 1 (default: the run's, 4)")
     add_renamed_flag(p, "--cfg", "--guidance")
-    p.add_argument("--sampler", choices=["euler", "heun", "default"], default="euler",
-                   help="ODE sampler (default: euler); released models: euler or default (their folder's scheduler)")
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc", "default"],
+                   help="ODE sampler (default: the run's sample.sampler); released models: euler or default (their "
+                   "folder's scheduler)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
@@ -240,6 +246,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep the text encoder and VAE on the CPU until used")
     p.add_argument("--no-cfg-batch", action="store_true", help="run cond and uncond as two calls (less memory)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="the run's best.ckpt (lowest val/loss) instead of its newest")
     p.add_argument("--lora", help="a LoRA adapter (<LoRA run>/lora/adapter.safetensors) to apply to --ckpt")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1 = as trained)")
 
@@ -249,6 +256,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write config.yaml, model.safetensors, vae.safetensors")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16 for model.safetensors")
     p.add_argument("--raw-weights", action="store_true", help="export the raw training weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="export the run's best.ckpt (lowest val/loss), not its newest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     p.add_argument("--lora-format", choices=["comfyui", "diffusers"], default="comfyui",
                    help="a released model's LoRA run: write its adapter with original-Wan/ComfyUI keys (default) or "

@@ -293,7 +293,7 @@ class ShapesEval(L.Callback):
         model = pl_module.full_ema()  # every rank: under FSDP this gathers the EMA's shards to rank 0
         if not trainer.is_global_zero:
             return
-        from minisora.training.preview import training_pipeline
+        from minisora.training.preview import log_scores, training_pipeline
 
         pipe = training_pipeline(trainer, pl_module, model, self.vae, self.text_encoder, self.fps)
         step = trainer.global_step
@@ -306,8 +306,7 @@ class ShapesEval(L.Callback):
             f"{m['heldout/color_accuracy']:.2f} held-out, direction "
             f"{m['train/direction_accuracy']:.2f} / {m['heldout/direction_accuracy']:.2f}"
         )
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"shapes/{k}": v for k, v in m.items()}, step=step)
+        log_scores(trainer, self.folder, {f"shapes/{k}": v for k, v in m.items()})
         if final:
             self.summary = (
                 f"shapes score ({where / 'eval.txt'}): colour accuracy {m['train/color_accuracy']:.2f} on training "

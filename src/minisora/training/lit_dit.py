@@ -14,10 +14,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
 from minisora.models.dit import VideoDiT
+from minisora.training import validation
 from minisora.training.optim import check_optim, configure_optim
 from minisora.training.strategy import ShardedStrategy
 
-T_BUCKETS = 4  # loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
+T_BUCKETS = 4  # the training loss is also logged per quarter of [0, 1] in t: where the model is weak shows there
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -63,6 +64,7 @@ class LitVideoDiT(L.LightningModule):
         t_shift: float | None = None,  # None: shift from the token count (resolution_shift)
         compile: bool = False,
         seed: int = 0,
+        val_t_points: int = 4,  # validation timesteps per clip (training.validation); 4 = one per quarter of t
         max_bad_steps: int = 10,
         freeze: list[str] | None = None,
         text_encoder: torch.nn.Module | None = None,
@@ -96,6 +98,8 @@ class LitVideoDiT(L.LightningModule):
         self.caption_dropout, self.prediction = caption_dropout, prediction
         self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
         self.compile, self.seed = compile, seed
+        validation.t_grid(val_t_points)  # checked now, not at the first validation
+        self.val_t_points = val_t_points
         # Steps whose loss or gradient was not finite: skipped (no update); this many in a row stop the run.
         self.max_bad_steps, self.bad_steps, self.bad_in_a_row = max_bad_steps, 0, 0
         # Held outside the module tree (in a tuple) so checkpoints do not store the weights a second time.
@@ -134,36 +138,45 @@ class LitVideoDiT(L.LightningModule):
         return diffusion.resolution_shift(self.model.tokens(T, H, W))
 
     # ---- steps ------------------------------------------------------------------------------
-    def _losses(self, batch: dict[str, Any], train: bool, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample rectified-flow losses (B,) and their timesteps t (B,) for a batch."""
+    def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample rectified-flow training losses (B,) and their timesteps t (B,) for a batch."""
         x0 = batch["latents"]  # (B, C, T, H, W)
         B = x0.shape[0]
         # t, noise and caption dropout come from a generator seeded by (seed, step), not the global RNG, so a
         # resumed run draws exactly what an uninterrupted one would. Each of `world` ranks draws them for the whole
         # global batch and keeps rows rank::world, the rows its BucketBatchSampler share holds: W processes with batch
-        # B train exactly like one with batch W*B. Validation draws the same every time (curves compare like
-        # with like).
-        world, rank = (self.trainer.world_size, self.global_rank) if train and self._trainer is not None else (1, 0)
-        key = (self.seed, self.global_step) if train else (self.seed, -1 - batch_idx)
+        # B train exactly like one with batch W*B. (Validation uses its own fixed grid: val_losses.)
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        key = (self.seed, self.global_step)
         gen = torch.Generator(device=x0.device).manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         t = diffusion.sample_t(B * world, generator=gen, device=x0.device, mean=self.t_mean, std=self.t_std,
                                shift=self._shift(x0))[rank::world]  # (B,)
         noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=x0.device, dtype=x0.dtype)[rank::world]
-        drop = (torch.rand(B * world, generator=gen, device=x0.device)[rank::world] < self.caption_dropout) if train else None
+        drop = torch.rand(B * world, generator=gen, device=x0.device)[rank::world] < self.caption_dropout
         losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
         return losses, t
 
+    def val_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Losses (B, val_t_points) of a batch of held-out clips at the fixed t grid with fixed noise per clip."""
+        return validation.grid_losses(self.net, batch["latents"], validation.clip_ids(batch), points=self.val_t_points,
+                                      seed=self.seed, prediction=self.prediction, **self._cond(batch, None))  # fmt: skip
+
     def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
-        train = stage == "train"
-        losses, t = self._losses(batch, train, batch_idx)
-        B = losses.shape[0]
+        if stage == "val":  # every clip at every grid point; per quarter: q1 is t in [0, 1/4), nearly clean
+            losses = self.val_losses(batch)  # (B, K)
+            B = losses.shape[0]
+            self.log("val/loss", losses.mean(), prog_bar=True, batch_size=B, sync_dist=True)
+            for q, mean in enumerate(validation.quarter_means(losses), start=1):
+                self.log(f"val/loss_q{q}", mean, batch_size=B, sync_dist=True)
+            return losses.mean()
+        losses, t = self._losses(batch)
         loss = losses.mean()
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=not train)
+        self.log("train/loss", loss, prog_bar=True, batch_size=losses.shape[0])
         bucket = (t * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
         for k in range(T_BUCKETS):
             sel = bucket == k
             if sel.any():
-                self.log(f"{stage}/loss_t{k}", losses[sel].mean(), batch_size=int(sel.sum()), sync_dist=not train)
+                self.log(f"train/loss_q{k + 1}", losses[sel].mean(), batch_size=int(sel.sum()))  # as val/loss_q*
         return loss
 
     @torch.no_grad()
@@ -175,7 +188,7 @@ class LitVideoDiT(L.LightningModule):
             if max_batches is not None and i >= max_batches:
                 break
             batch = move_data_to_device(batch, self.device)
-            losses, _ = self._losses(batch, False, i)
+            losses = self.val_losses(batch).mean(1)  # (B,)
             total, count = total + float(losses.sum()), count + losses.shape[0]
         self.train(was_training)
         return total / count if count else None

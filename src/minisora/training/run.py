@@ -290,6 +290,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     from minisora.training import finetune
     from minisora.training.lit_dit import LitVideoDiT
     from minisora.training.preview import PreviewSamples
+    from minisora.training.validation import best_checkpoint_callback
 
     folder = run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -311,7 +312,8 @@ def train_dit(cfg: DictConfig, vae) -> Path:
         say(line)
     if lit.frozen:
         say(f"frozen by dit_train.freeze: {len(lit.frozen)} tensors ({', '.join(lit.frozen[:4])}{', ...' if len(lit.frozen) > 4 else ''})")
-    callbacks = [PreviewSamples(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample))]
+    callbacks = [PreviewSamples(vae=vae, text_encoder=text, folder=folder / "samples", **kwargs(cfg.sample)),
+                 best_checkpoint_callback(folder)]  # checkpoints/best.ckpt: lowest val/loss (`sample --best`)
     if cfg.get("shapes_eval") is not None:  # the demo's score (configs/shapes.yaml), sampled as `sample` says
         from minisora.eval.shapes import ShapesEval
 
