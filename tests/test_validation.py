@@ -25,7 +25,7 @@ def text() -> TextEncoder:
 
 
 def val_datamodule(root: Path, key: str, batch_size: int) -> LatentDataModule:
-    dm = LatentDataModule(video=VIDEO, vae=None, text_encoder=None, cache_root=str(root), batch_size=batch_size,
+    dm = LatentDataModule(video=VIDEO, vae=None, text_encoder=None, cache_root=str(root), dit_batch_size=batch_size,
                           num_workers=0, val_fraction=0.25)  # fmt: skip
     dm._key = key
     dm.setup("fit")
