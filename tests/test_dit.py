@@ -335,3 +335,51 @@ def test_per_frame_t_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x, t, **cond)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---- memory layout: regrouping once, per-group RoPE tables, recompute ----
+
+def reference_attention(attn, x, rope_full, grid, mode):
+    """The attention as first written: RoPE on the full grid, then q, k, v regrouped (kept to pin the function)."""
+    from einops import rearrange
+
+    T, H, W = grid
+    qkv = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.num_heads)
+    q, k, v = qkv.unbind(0)
+    q, k = apply_rope(attn.q_norm(q), attn.k_norm(k), *rope_full)
+    group = {"full": "b h n d -> b h n d", "spatial": "b h (t s) d -> (b t) h s d",
+             "temporal": "b h (t s) d -> (b s) h t d"}[mode]
+    ungroup = {"full": "b h n d -> b n (h d)", "spatial": "(b t) h s d -> b (t s) (h d)",
+               "temporal": "(b s) h t d -> b (t s) (h d)"}[mode]
+    axes = {} if mode == "full" else {"t": T, "s": H * W}
+    q, k, v = (rearrange(z, group, **axes) for z in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return attn.proj(rearrange(out, ungroup, b=x.shape[0], **axes))
+
+
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+def test_attention_matches_full_grid_rope_reference(mode):
+    model = tiny(hidden_size=48, num_heads=2, depth=1)
+    perturb_zero_init(model)
+    attn, grid = model.blocks[0].attn, (3, 4, 6)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3 * 4 * 6, 48) * 3
+    ref = reference_attention(attn, x, model.rope(*grid), grid, mode)
+    out = attn(x, model.rope_tables(grid, x.device)[mode], grid, mode)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_recompute_changes_neither_outputs_nor_gradients(layout):
+    x, t, cond = torch.randn(2, C, 3, 4, 4), torch.tensor([[0.0, 0.4, 0.4], [0.7, 0.7, 0.7]]), cond_for("text", 2)
+    results = []
+    for recompute in (False, True):
+        model = tiny(layout=layout, recompute=recompute, pooled_text=True).train()
+        perturb_zero_init(model)
+        out = model(x, t, **cond)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], atol=1e-7), n

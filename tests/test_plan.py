@@ -29,10 +29,10 @@ def setups() -> dict[str, P.Setup]:
 
 def test_training_components_by_hand():
     su = tiny_setup()
-    # fp32: 34 D-wide tensors of 4 B (8 wide) + 20 B x 2 heads + 24 B = 1152 B per token per block
-    assert P.saved_bytes_per_token(8, 2, 4.0, bf16=False) == 34 * 4 * 8 + 40 + 24
-    assert P.saved_bytes_per_token(8, 2, 4.0, bf16=True) == 90 * 8 + 40 + 24
-    block = 10 * 1152 + 4 * 2 * 8 * 4  # 10 tokens, plus the cross-attention keys/values of 2 text tokens
+    # fp32: 28 D-wide tensors of 4 B (8 wide) + 20 B x 2 heads + 24 B = 960 B per token per block
+    assert P.saved_bytes_per_token(8, 2, 4.0, bf16=False) == 28 * 4 * 8 + 40 + 24
+    assert P.saved_bytes_per_token(8, 2, 4.0, bf16=True) == 66 * 8 + 40 + 24
+    block = 10 * 960 + 4 * 2 * 8 * 4  # 10 tokens, plus the cross-attention keys/values of 2 text tokens
     r = P.training_peak(su, 10, bf16=False, adamw8bit=False, checkpointing=False)
     assert r["weights (fp32)"] == 4000 and r["EMA copy (fp32)"] == 4000 and r["optimizer state"] == 8000
     assert r["activations"] == 2 * block  # both blocks' activations at the start of backward

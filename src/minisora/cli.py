@@ -150,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
               "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "cache": "minisora.bench.cache",
-              "all": "minisora.bench.all"}  # fmt: skip
+              "latte": "minisora.bench.latte", "all": "minisora.bench.all"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -34,14 +34,12 @@ CLIP_VOCAB, CLIP_LAYERS = 49408, {512: 12, 768: 12, 1024: 24, 1280: 32}  # text 
 
 # What one DiTBlock keeps for backward, per token: (what, D-wide tensors, mlp_ratio*D-wide tensors,
 # bytes per element with fp32 compute, under bf16 autocast). Residual-stream tensors and everything the
-# fp32 norms/RoPE touch stay fp32 under autocast; linear inputs/outputs become bf16.
+# fp32 norms/RoPE touch stay fp32 under autocast; linear inputs/outputs become bf16. VideoDiT's default
+# recompute=True redoes the LayerNorm+modulation and QK-norm+RoPE outputs in backward (6 D-wide fp32 tensors fewer).
 SAVED_PER_BLOCK = (
-    ("block input x (LayerNorm 1)", 1, 0, 4, 4),
-    ("LayerNorm 1, 2 outputs (adaLN scale)", 2, 0, 4, 4),
+    ("block input x (LayerNorm 1, recomputed)", 1, 0, 4, 4),
     ("qkv linear input", 1, 0, 4, 2),
-    ("q, k, v buffer (v saved by SDPA)", 3, 0, 4, 2),
-    ("q, k / their row peak, fp32 (QK-norm's input)", 2, 0, 4, 4),
-    ("QK-norm outputs (fp32)", 2, 0, 4, 4),
+    ("q, k, v buffer (v saved by SDPA, q and k by the recomputed QK-norm)", 3, 0, 4, 2),
     ("q, k after RoPE (SDPA)", 2, 0, 4, 2),
     ("attention output, proj input", 2, 0, 4, 2),
     ("attention proj output (gate)", 1, 0, 4, 2),

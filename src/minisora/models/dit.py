@@ -30,18 +30,36 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# Token groups that attend to each other: (pattern from the qkv projection, pattern back to (B, N, D)).
+GROUPS = {
+    "full": ("b n (three h d) -> three b h n d", "b n d -> b n d"),
+    "spatial": ("b (t s) (three h d) -> three (b t) h s d", "(b t) s d -> b (t s) d"),  # the way back is a view
+    "temporal": ("b (t s) (three h d) -> three (b s) h t d", "(b s) t d -> b (t s) d"),
+}
+
+
+def recompute(fn, *args, enabled: bool):
+    """fn(*args), its outputs recomputed in backward instead of saved when enabled (cheap elementwise work only)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with 3D RoPE and QK RMS-norm, over all tokens, one frame, or one position.
 
     mode "full": every token attends to all T*H*W tokens. "spatial": tokens attend within their frame.
     "temporal": tokens attend across frames at their spatial position (Latte, variant 1).
-    RoPE is applied on the full grid before regrouping; because it is relative, the axis that is
-    constant inside a group cancels out of the attention logits.
+    The projection's output is regrouped once, straight into the groups' layout, and QK-norm and RoPE run
+    there: RoPE is relative, so the axis that is constant inside a group cancels out of the logits, and the
+    caller passes the tables of the group's own axes (VideoDiT.rope_tables). With `recompute`, QK-norm and
+    RoPE are redone in backward: only their inputs, views of the projection that SDPA keeps anyway, are saved.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, recompute: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.recompute = recompute
         head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         # QK-norm keeps attention logits bounded under bf16 (ViT-22B, SD3).
@@ -49,24 +67,24 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
+    def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(self.q_norm(q), self.k_norm(k), cos, sin)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
                 mode: str) -> torch.Tensor:
+        """x (B, N, D), rope: cos, sin (L, head_dim) for the group's L tokens (N for "full") -> (B, N, D)."""
         T, H, W = grid
-        # contiguous: torch's fused RMSNorm on the strided view was 80x slower on CPU (measured: 40 ms vs 0.5 ms)
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).contiguous()
-        q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, heads, N, d)
-        q, k = apply_rope(q, k, *rope)  # (B, heads, N, d)
-        if mode == "full":
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
-            return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
-        if mode == "spatial":
-            group, ungroup = "b h (t s) d -> (b t) h s d", "(b t) h s d -> b (t s) (h d)"
-        else:  # temporal
-            group, ungroup = "b h (t s) d -> (b s) h t d", "(b s) h t d -> b (t s) (h d)"
-        q, k, v = (rearrange(z, group, t=T, s=H * W) for z in (q, k, v))  # (B*T, heads, HW, d) or (B*HW, heads, T, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # same as q
-        return self.proj(rearrange(out, ungroup, b=x.shape[0], t=T, s=H * W))  # (B, N, D)
+        group, ungroup = GROUPS[mode]
+        # One copy into the groups' layout; contiguous also because torch's fused RMSNorm on a strided view
+        # was 80x slower on CPU (measured: 40 ms vs 0.5 ms).
+        axes = {} if mode == "full" else {"t": T}
+        qkv = rearrange(self.qkv(x), group, three=3, h=self.num_heads, **axes).contiguous()  # (3, G, heads, L, d)
+        q, k, v = qkv.unbind(0)  # 3 x (G, heads, L, d); G = B, B*T or B*H*W groups of L tokens
+        q, k = recompute(self._norm_rope, q, k, *rope, enabled=self.recompute and self.training)  # (G, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (G, heads, L, d)
+        out = self.proj(rearrange(out, "g h l d -> g l (h d)"))  # (G, L, D)
+        return rearrange(out, ungroup, b=x.shape[0], **axes)  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -106,11 +124,12 @@ class DiTBlock(nn.Module):
     """Pre-norm block: self-attention, optional cross-attention, MLP; adaLN-single modulation (PixArt-alpha)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attn_mode: str,
-                 context_dim: int | None, qk_norm: bool):
+                 context_dim: int | None, qk_norm: bool, recompute: bool = False):
         super().__init__()
         self.attn_mode = attn_mode
+        self.recompute = recompute
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm, recompute)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = CrossAttention(hidden_size, num_heads, context_dim, qk_norm)
@@ -123,15 +142,23 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 grid: tuple[int, int, int], context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        # mod (B, G, 6D): G = 1 for a per-sample t, frames or tokens for a per-frame or per-token t
+        # mod (B, G, 6D): G = 1 for a per-sample t, frames or tokens for a per-frame or per-token t; (B, 6D) is G = 1
+        mod = mod.unsqueeze(1) if mod.ndim == 2 else mod
         mod = rearrange(mod, "b g (six d) -> b g six d", six=6) + self.scale_shift_table  # (B, G, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=2)  # 6 x (B, G, D)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
+        # With recompute, the norm's output is redone in backward, not saved: the next linear keeps h anyway.
+        on = self.recompute and self.training
+        h = recompute(self._norm_modulate, self.norm1, x, shift_msa, scale_msa, enabled=on)  # (B, N, D)
         x = x + gate(self.attn(h, rope, grid, self.attn_mode), gate_msa)  # (B, N, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
-        x = x + gate(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), gate_mlp)  # (B, N, D)
+        h = recompute(self._norm_modulate, self.norm2, x, shift_mlp, scale_mlp, enabled=on)  # (B, N, D)
+        x = x + gate(self.mlp(h), gate_mlp)  # (B, N, D)
         return x
+
+    @staticmethod
+    def _norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return modulate(norm(x), shift, scale)
 
 
 class FinalLayer(nn.Module):
@@ -173,6 +200,7 @@ class VideoDiT(nn.Module):
         rope_theta: float = 10000.0,
         grad_checkpointing: bool = False,
         pooled_text: bool = False,
+        recompute: bool = True,  # redo norms, modulation, QK-norm and RoPE in backward instead of saving them
     ):
         super().__init__()
         patch_size = [1, 2, 2] if patch_size is None else list(patch_size)
@@ -216,7 +244,7 @@ class VideoDiT(nn.Module):
         else:  # Latte variant 1: spatial and temporal blocks alternate
             modes = ["spatial" if i % 2 == 0 else "temporal" for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, mode, context_dim, qk_norm) for mode in modes]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, mode, context_dim, qk_norm, recompute) for mode in modes]
         )
         self.final_layer = FinalLayer(hidden_size, patch_values)
         self.initialize_weights()
@@ -270,6 +298,17 @@ class VideoDiT(nn.Module):
         """Number of DiT tokens for a (T, H, W) latent grid."""
         t, h, w = self.grid(T, H, W)
         return t * h * w
+
+    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> dict[str, tuple]:
+        """RoPE cos/sin per attention mode: the full grid (N, d), one frame's (H*W, d), one position's frames (T, d).
+
+        A spatial group's tokens share their frame, so the time rotation is the same for q and k and cancels
+        in q.k; its table keeps only the h and w rotations (time at position 0). Likewise a temporal group keeps
+        only time. Same logits as the full table, without an (N, d) table broadcast over the groups.
+        """
+        T, H, W = grid
+        return {"full": self.rope(T, H, W, device=device), "spatial": self.rope(1, H, W, device=device),
+                "temporal": self.rope(T, 1, 1, device=device)}  # fmt: skip
 
     def _condition(self, B: int, device: torch.device, labels: torch.Tensor | None,
                    context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -353,15 +392,15 @@ class VideoDiT(nn.Module):
         h = self.x_embedder(h)  # (B, N, D)
         cond = self._condition(B, x.device, labels, context, context_mask)  # (B, D) or None
         c, mod = self._modulation(t, cond)  # (B, G, D), (B, G, 6D); mod is shared by all blocks
-        rope = self.rope(gt, gh, gw, device=x.device)  # 2 x (N, head_dim)
+        ropes = self.rope_tables((gt, gh, gw), x.device)  # per attention mode: cos, sin (L, head_dim)
         grid = (gt, gh, gw)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(
-                    block, h, mod, rope, grid, context, context_mask, use_reentrant=False
+                    block, h, mod, ropes[block.attn_mode], grid, context, context_mask, use_reentrant=False
                 )  # (B, N, D)
             else:
-                h = block(h, mod, rope, grid, context, context_mask)  # (B, N, D)
+                h = block(h, mod, ropes[block.attn_mode], grid, context, context_mask)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
         out = rearrange(h, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                         t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw)  # (B, C, T', H, W)
