@@ -21,12 +21,18 @@ peak RSS growth is VmHWM at the end minus RSS then (weights, gradients, AdamW st
 allocator's retained heap counts too, as a user's OOM does). Step time: wall and process CPU seconds per
 step after `--warmup` steps; the report gives the median over all measured steps and the spread of the
 per-round medians. On a shared machine the CPU seconds are the steadier figure.
+
+glibc's malloc keeps freed memory, so RSS growth is 1.8-2x the live tensor bytes and moves with allocation
+order (docs/benchmarks.md, planner calibration). `--mmap-threshold 65536` runs both models' subprocesses with
+MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave RSS and the growth is the live peak: what decides the
+longest clip on a GPU, whose caching allocator reuses freed blocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -130,7 +136,8 @@ def run_child(kind: str, attention: str, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "minisora.bench.latte", "--_child", kind, "--attention", attention,
                "--latte-dir", str(args.latte_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--json", str(out)] + (["--quick"] if args.quick else [])  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         return json.loads(out.read_text())
 
 
@@ -161,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
                     "memory_ratio": mine["growth_mb_median"] / res["growth_mb_median"]}
               for key, res in results.items() if key != "minisora"}  # fmt: skip
     return {"config": QUICK if args.quick else LATTE_S2, "rounds": args.rounds, "steps": args.steps,
+            "mmap_threshold": args.mmap_threshold,
             "warmup": args.warmup, "results": results, "vs_latte": ratios,
             "targets": {key: {"speedup_1.5x": r["speedup_cpu"] >= 1.5, "memory_0.5x": r["memory_ratio"] <= 0.5}
                         for key, r in ratios.items()}}  # fmt: skip
@@ -170,7 +178,9 @@ def format_results(r: dict) -> str:
     c = r["config"]
     lines = [f"Latte-S/2 setting: hidden {c['hidden_size']}, {c['depth']} blocks, {c['num_heads']} heads, patch "
              f"{c['patch']}, latents {c['channels']}x{c['frames']}x{c['size']}x{c['size']}, batch {c['batch']}; "
-             f"{r['rounds']} rounds x {r['steps']} steps (after {r['warmup']} warm-up)", "",
+             f"{r['rounds']} rounds x {r['steps']} steps (after {r['warmup']} warm-up); malloc: "
+             f"{'MALLOC_MMAP_THRESHOLD_=' + str(r['mmap_threshold']) + ' (live peak)' if r['mmap_threshold'] else 'glibc default'}",
+             "",
              "| model | params | CPU s/step (median) | per-round medians | wall s/step | peak RSS growth MB (rounds) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for key, res in r["results"].items():
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
     p.add_argument("--latte-attention", nargs="+", default=["flash"], choices=["flash", "math"],
                    help="Latte's attention_mode(s) to compare against: flash = its SDPA path")  # fmt: skip
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ for both models' runs (65536: RSS growth = live peak); 0: glibc default")
     p.add_argument("--quick", action="store_true", help="toy sizes: a smoke run in seconds")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--_child", choices=["minisora", "latte"], help=argparse.SUPPRESS)
