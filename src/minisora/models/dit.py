@@ -22,9 +22,12 @@ def norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: 
     return modulate(norm(x), shift, scale)
 
 
-def project(linear: nn.Linear, f, *inputs: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """linear(f(*inputs)); with recompute (training), f's output is redone in backward instead of saved."""
-    if recompute and torch.is_grad_enabled():
+def project(linear: nn.Module, f, *inputs: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """linear(f(*inputs)); with recompute (training), f's output is redone in backward instead of saved.
+
+    Only a plain nn.Linear is recomputed: a LoRA or quantized layer in its place runs its own forward.
+    """
+    if recompute and torch.is_grad_enabled() and type(linear) is nn.Linear:
         return RecomputedLinear.apply(f, linear.weight, linear.bias, *inputs)
     return linear(f(*inputs))
 
