@@ -267,3 +267,144 @@ def test_constructor_annotations_fit_the_config_schema():
     for name, param in inspect.signature(VideoDiT).parameters.items():
         assert param.annotation in allowed, f"VideoDiT.{name}: {param.annotation}"
         assert param.default is not inspect.Parameter.empty, name
+
+
+# ---- per-frame and per-token timesteps ----
+
+@pytest.mark.parametrize("layout,condition", [("full", "text"), ("factorized", "class"), ("factorized", "none")])
+def test_per_token_t_all_equal_matches_per_sample(layout, condition):
+    model = tiny(layout=layout, condition=condition, pooled_text=condition == "text").eval()
+    perturb_zero_init(model)
+    x, t, cond = torch.randn(2, C, 3, 4, 6), torch.tensor([0.3, 0.8]), cond_for(condition, 2)
+    ref = model(x, t, **cond)
+    N = model.tokens(3, 4, 6)
+    per_token = model(x, t[:, None].expand(2, N), **cond)
+    per_frame = model(x, t[:, None].expand(2, 3), **cond)
+    assert (per_token - ref).abs().max() <= 1e-6 and (per_frame - ref).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_per_frame_t_equals_expanded_per_token_t(layout):
+    model = tiny(layout=layout).eval()
+    perturb_zero_init(model)
+    T, H, W = 3, 4, 6
+    x, cond = torch.randn(2, C, T, H, W), cond_for("text", 2)
+    t_frame = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.9]])  # clean first frame(s), as image-to-video gives them
+    tokens_per_frame = (H // 2) * (W // 2)
+    t_token = t_frame.repeat_interleave(tokens_per_frame, dim=1)  # (B, N) in (t, h, w) order
+    a, b = model(x, t_frame, **cond), model(x, t_token, **cond)
+    assert (a - b).abs().max() <= 1e-6
+    # and each frame's t matters: a clean first frame is modulated differently from a noisy one
+    c = model(x, torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.9]]), **cond)
+    assert not torch.allclose(a[0], c[0], atol=1e-4) and torch.allclose(a[1], c[1], atol=1e-6)
+
+
+def test_per_frame_t_with_temporal_patch_and_bad_shapes():
+    model = tiny(patch_size=[2, 2, 2]).eval()
+    perturb_zero_init(model)
+    x, cond = torch.randn(1, C, 5, 4, 4), cond_for("text", 1)  # 5 frames pad to 3 temporal patches
+    same = model(x, torch.tensor([[0.0, 0.0, 0.4, 0.4, 0.7]]), **cond)
+    assert (same - model(x, torch.tensor([[0.0, 0.4, 0.7]]).repeat_interleave(4, dim=1), **cond)).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="within each temporal patch of 2"):
+        model(x, torch.tensor([[0.0, 0.4, 0.4, 0.4, 0.7]]), **cond)
+    with pytest.raises(ValueError, match=r"per latent frame \(B, T\) = \(1, 5\)"):
+        model(x, torch.rand(1, 7), **cond)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_per_frame_t_gradients_flow_and_checkpointing_matches(ckpt):
+    x, cond = torch.randn(2, C, 3, 4, 4), cond_for("text", 2)
+    t = torch.tensor([[0.0, 0.6, 0.6], [0.0, 0.2, 0.2]])
+    grads = []
+    for use in (False, ckpt):
+        model = tiny(layout="factorized", grad_checkpointing=use, pooled_text=True).train()
+        perturb_zero_init(model)
+        model(x, t, **cond).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    missing = [n for n, p in model.named_parameters() if n not in grads[1] or grads[1][n].abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_per_frame_t_under_bf16_autocast():
+    model = tiny(layout="factorized").eval()
+    perturb_zero_init(model)
+    x, cond, t = torch.randn(2, C, 3, 4, 4), cond_for("text", 2), torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.9]])
+    ref = model(x, t, **cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, **cond)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---- memory layout: regrouping once, per-group RoPE tables, recompute ----
+
+def reference_attention(attn, x, rope_full, grid, mode):
+    """The attention as first written: RoPE on the full grid, then q, k, v regrouped (kept to pin the function)."""
+    from einops import rearrange
+
+    T, H, W = grid
+    qkv = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.num_heads)
+    q, k, v = qkv.unbind(0)
+    q, k = apply_rope(attn.q_norm(q), attn.k_norm(k), *rope_full)
+    group = {"full": "b h n d -> b h n d", "spatial": "b h (t s) d -> (b t) h s d",
+             "temporal": "b h (t s) d -> (b s) h t d"}[mode]
+    ungroup = {"full": "b h n d -> b n (h d)", "spatial": "(b t) h s d -> b (t s) (h d)",
+               "temporal": "(b s) h t d -> b (t s) (h d)"}[mode]
+    axes = {} if mode == "full" else {"t": T, "s": H * W}
+    q, k, v = (rearrange(z, group, **axes) for z in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return attn.proj(rearrange(out, ungroup, b=x.shape[0], **axes))
+
+
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+def test_attention_matches_full_grid_rope_reference(mode):
+    model = tiny(hidden_size=48, num_heads=2, depth=1)
+    perturb_zero_init(model)
+    attn, grid = model.blocks[0].attn, (3, 4, 6)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3 * 4 * 6, 48) * 3
+    ref = reference_attention(attn, x, model.rope(*grid), grid, mode)
+    out = attn(x, model.rope_tables(grid, x.device)[mode], grid, mode)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_recompute_changes_neither_outputs_nor_gradients(layout):
+    x, t, cond = torch.randn(2, C, 3, 4, 4), torch.tensor([[0.0, 0.4, 0.4], [0.7, 0.7, 0.7]]), cond_for("text", 2)
+    results = []
+    for recompute in (False, True):
+        model = tiny(layout=layout, recompute=recompute, pooled_text=True).train()
+        perturb_zero_init(model)
+        out = model(x, t, **cond)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], rtol=1e-5, atol=1e-8), n
+
+
+def test_recomputed_linear_matches_autograd_in_fp32_and_bf16():
+    from functools import partial
+
+    from minisora.models.dit import norm_modulate
+    from minisora.models.layers import RecomputedLinear
+
+    torch.manual_seed(0)
+    lin, norm = torch.nn.Linear(32, 8), torch.nn.LayerNorm(32, elementwise_affine=False)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    shift, scale = torch.randn(2, 32, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    dy = torch.randn(2, 5, 8)
+    gelu = partial(torch.nn.functional.gelu, approximate="tanh")
+    for f, inputs in ((gelu, (x,)), (partial(norm_modulate, norm), (x, shift, scale))):
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                ref = lin(f(*inputs))
+                out = RecomputedLinear.apply(f, lin.weight, lin.bias, *inputs)
+            assert out.dtype == ref.dtype and torch.equal(out, ref)
+            wrt = [*inputs, lin.weight, lin.bias]
+            g_ref = torch.autograd.grad(ref, wrt, dy.to(ref.dtype))
+            g_out = torch.autograd.grad(out, wrt, dy.to(out.dtype))
+            for r, o in zip(g_ref, g_out):
+                assert o.dtype == r.dtype and torch.allclose(o, r, rtol=1e-5 if not autocast else 2e-2, atol=1e-6)

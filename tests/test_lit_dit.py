@@ -282,7 +282,8 @@ def test_bf16_autocast_training_step_is_finite(text, tmp_path):
     key = synthetic_cache(tmp_path, text, n=4)
     lit = tiny_lit(text)
     dtypes: list[torch.dtype] = []
-    lit.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    # attn.proj: with recompute, qkv, fc1 and fc2 run inside RecomputedLinear, not through their own forward
+    lit.model.blocks[0].attn.proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     rec = Recorder()
     trainer(2, [rec], precision="bf16-mixed").fit(lit, datamodule=datamodule(tmp_path, key, batch_size=4))
     assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # Lightning ran the step under CPU bf16 autocast

@@ -34,14 +34,12 @@ CLIP_VOCAB, CLIP_LAYERS = 49408, {512: 12, 768: 12, 1024: 24, 1280: 32}  # text 
 
 # What one DiTBlock keeps for backward, per token: (what, D-wide tensors, mlp_ratio*D-wide tensors,
 # bytes per element with fp32 compute, under bf16 autocast). Residual-stream tensors and everything the
-# fp32 norms/RoPE touch stay fp32 under autocast; linear inputs/outputs become bf16.
+# fp32 norms/RoPE touch stay fp32 under autocast; linear inputs/outputs become bf16. VideoDiT's default
+# recompute=True redoes the LayerNorm+modulation (the qkv and fc1 inputs), QK-norm+RoPE and GELU (fc2's input)
+# in backward instead of saving their outputs.
 SAVED_PER_BLOCK = (
-    ("block input x (LayerNorm 1)", 1, 0, 4, 4),
-    ("LayerNorm 1, 2 outputs (adaLN scale)", 2, 0, 4, 4),
-    ("qkv linear input", 1, 0, 4, 2),
-    ("q, k, v buffer (v saved by SDPA)", 3, 0, 4, 2),
-    ("q, k / their row peak, fp32 (QK-norm's input)", 2, 0, 4, 4),
-    ("QK-norm outputs (fp32)", 2, 0, 4, 4),
+    ("block input x (LayerNorm 1 + modulation + qkv input, recomputed)", 1, 0, 4, 4),
+    ("q, k, v buffer (v saved by SDPA, q and k by the recomputed QK-norm)", 3, 0, 4, 2),
     ("q, k after RoPE (SDPA)", 2, 0, 4, 2),
     ("attention output, proj input", 2, 0, 4, 2),
     ("attention proj output (gate)", 1, 0, 4, 2),
@@ -51,8 +49,7 @@ SAVED_PER_BLOCK = (
     ("cross-attn q, output (SDPA)", 2, 0, 4, 2),
     ("cross-attn proj input", 1, 0, 4, 2),
     ("LayerNorm 2 input", 1, 0, 4, 4),
-    ("MLP fc1 input", 1, 0, 4, 2),
-    ("MLP hidden before, after GELU", 0, 2, 4, 2),
+    ("MLP hidden before GELU (its output is recomputed)", 0, 1, 4, 2),
     ("MLP output (gate)", 1, 0, 4, 2),
 )
 STATS_PER_HEAD, STATS_PER_TOKEN = 20, 24  # QK-norm rstd x3, SDPA logsumexp x2 (fp32); 3 LayerNorms' mean/rstd
@@ -264,8 +261,11 @@ def load_setup(preset: str, vae: str | Path | None = None, text_tokens: int = 77
         hit = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
         lora = sum(lora_rank * (m.in_features + m.out_features) for _, m in hit)
         lora_block = sum(lora_rank * (m.in_features + m.out_features) for n, m in hit if n.startswith("blocks.0."))
-    # Backward keeps a linear's (bf16) weight only to get its input's gradient: not for kv, which reads the text.
+    # Backward keeps a linear's (bf16) weight only to get its input's gradient: not for kv, which reads the text,
+    # nor for qkv, fc1, fc2 under recompute (RecomputedLinear keeps the float32 weight and casts it in backward).
     kv = block.cross_attn.kv.weight.numel() if block.cross_attn is not None else 0
+    if block.mlp.recompute:
+        kv += sum(m.weight.numel() for m in (block.attn.qkv, block.mlp.fc1, block.mlp.fc2))
 
     return Setup(
         preset=preset, params=model.num_parameters(), block_params=sum(p.numel() for p in block.parameters()),

@@ -9,25 +9,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+from functools import partial
 
-from minisora.models.layers import RMSNorm, RoPE3D, TimestepEmbedder, apply_rope, modulate
+from minisora.models.layers import RecomputedLinear, RMSNorm, RoPE3D, TimestepEmbedder, apply_rope, gate, modulate
 
 LAYOUTS = ("full", "factorized")
 CONDITIONS = ("text", "class", "none")
 
 
-class Mlp(nn.Module):
-    """Transformer feed-forward: Linear, GELU (tanh), Linear."""
+def norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN's pre-norm input of a branch: modulate(norm(x)) (B, N, D)."""
+    return modulate(norm(x), shift, scale)
 
-    def __init__(self, hidden_size: int, mlp_ratio: float):
+
+def project(linear: nn.Module, f, *inputs: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """linear(f(*inputs)); with recompute (training), f's output is redone in backward instead of saved.
+
+    Only a plain nn.Linear is recomputed: a LoRA or quantized layer in its place runs its own forward.
+    """
+    if recompute and torch.is_grad_enabled() and type(linear) is nn.Linear:
+        return RecomputedLinear.apply(f, linear.weight, linear.bias, *inputs)
+    return linear(f(*inputs))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear, GELU (tanh), Linear; with `recompute`, GELU's output is not saved."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float, recompute: bool = False):
         super().__init__()
         inner = int(hidden_size * mlp_ratio)
+        self.recompute = recompute
         self.fc1 = nn.Linear(hidden_size, inner)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(inner, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, pre: tuple | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); pre = (norm, shift, scale): x is the residual stream, normed and modulated first."""
+        on = self.recompute and self.training
+        a = project(self.fc1, partial(norm_modulate, pre[0]), x, *pre[1:], recompute=on) if pre else self.fc1(x)
+        return project(self.fc2, self.act, a, recompute=on)  # (B, N, D)
+
+
+# Token groups that attend to each other: (pattern from the qkv projection, pattern back to (B, N, D)).
+GROUPS = {
+    "full": ("b n (three h d) -> three b h n d", "b n d -> b n d"),
+    "spatial": ("b (t s) (three h d) -> three (b t) h s d", "(b t) s d -> b (t s) d"),  # the way back is a view
+    "temporal": ("b (t s) (three h d) -> three (b s) h t d", "(b s) t d -> b (t s) d"),
+}
+
+
+def recompute(fn, *args, enabled: bool):
+    """fn(*args), its outputs recomputed in backward instead of saved when enabled (cheap elementwise work only)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class SelfAttention(nn.Module):
@@ -35,13 +70,16 @@ class SelfAttention(nn.Module):
 
     mode "full": every token attends to all T*H*W tokens. "spatial": tokens attend within their frame.
     "temporal": tokens attend across frames at their spatial position (Latte, variant 1).
-    RoPE is applied on the full grid before regrouping; because it is relative, the axis that is
-    constant inside a group cancels out of the attention logits.
+    The projection's output is regrouped once, straight into the groups' layout, and QK-norm and RoPE run
+    there: RoPE is relative, so the axis that is constant inside a group cancels out of the logits, and the
+    caller passes the tables of the group's own axes (VideoDiT.rope_tables). With `recompute`, QK-norm and
+    RoPE are redone in backward: only their inputs, views of the projection that SDPA keeps anyway, are saved.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, recompute: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.recompute = recompute
         head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         # QK-norm keeps attention logits bounded under bf16 (ViT-22B, SD3).
@@ -49,24 +87,29 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
+    def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(self.q_norm(q), self.k_norm(k), cos, sin)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
-                mode: str) -> torch.Tensor:
+                mode: str, pre: tuple | None = None) -> torch.Tensor:
+        """x (B, N, D), rope: cos, sin (L, head_dim) for the group's L tokens (N for "full") -> (B, N, D).
+
+        pre = (norm, shift, scale): x is the residual stream, normed and modulated before the projection.
+        """
         T, H, W = grid
-        # contiguous: torch's fused RMSNorm on the strided view was 80x slower on CPU (measured: 40 ms vs 0.5 ms)
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).contiguous()
-        q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, heads, N, d)
-        q, k = apply_rope(q, k, *rope)  # (B, heads, N, d)
-        if mode == "full":
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
-            return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
-        if mode == "spatial":
-            group, ungroup = "b h (t s) d -> (b t) h s d", "(b t) h s d -> b (t s) (h d)"
-        else:  # temporal
-            group, ungroup = "b h (t s) d -> (b s) h t d", "(b s) h t d -> b (t s) (h d)"
-        q, k, v = (rearrange(z, group, t=T, s=H * W) for z in (q, k, v))  # (B*T, heads, HW, d) or (B*HW, heads, T, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # same as q
-        return self.proj(rearrange(out, ungroup, b=x.shape[0], t=T, s=H * W))  # (B, N, D)
+        group, ungroup = GROUPS[mode]
+        on = self.recompute and self.training
+        qkv = project(self.qkv, partial(norm_modulate, pre[0]), x, *pre[1:], recompute=on) if pre else self.qkv(x)
+        # One copy into the groups' layout; contiguous also because torch's fused RMSNorm on a strided view
+        # was 80x slower on CPU (measured: 40 ms vs 0.5 ms).
+        axes = {} if mode == "full" else {"t": T}
+        qkv = rearrange(qkv, group, three=3, h=self.num_heads, **axes).contiguous()  # (3, G, heads, L, d)
+        q, k, v = qkv.unbind(0)  # 3 x (G, heads, L, d); G = B, B*T or B*H*W groups of L tokens
+        q, k = recompute(self._norm_rope, q, k, *rope, enabled=on)  # (G, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (G, heads, L, d)
+        out = self.proj(rearrange(out, "g h l d -> g l (h d)"))  # (G, L, D)
+        return rearrange(out, ungroup, b=x.shape[0], **axes)  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -106,30 +149,33 @@ class DiTBlock(nn.Module):
     """Pre-norm block: self-attention, optional cross-attention, MLP; adaLN-single modulation (PixArt-alpha)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attn_mode: str,
-                 context_dim: int | None, qk_norm: bool):
+                 context_dim: int | None, qk_norm: bool, recompute: bool = False):
         super().__init__()
         self.attn_mode = attn_mode
+        self.recompute = recompute
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm, recompute)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = CrossAttention(hidden_size, num_heads, context_dim, qk_norm)
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.mlp = Mlp(hidden_size, mlp_ratio, recompute)
         # This block's learned offset to the shared modulation (shift/scale/gate for attention and MLP).
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))  # set in VideoDiT.initialize_weights
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 grid: tuple[int, int, int], context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        mod = rearrange(mod, "b (six d) -> b six d", six=6) + self.scale_shift_table  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=1)  # 6 x (B, D)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h, rope, grid, self.attn_mode)  # (B, N, D)
+        # mod (B, G, 6D): G = 1 for a per-sample t, frames or tokens for a per-frame or per-token t; (B, 6D) is G = 1
+        mod = mod.unsqueeze(1) if mod.ndim == 2 else mod
+        mod = rearrange(mod, "b g (six d) -> b g six d", six=6) + self.scale_shift_table  # (B, G, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=2)  # 6 x (B, G, D)
+        # The branches norm and modulate x themselves: with recompute, that output is redone in backward, not saved.
+        x = x + gate(self.attn(x, rope, grid, self.attn_mode, pre=(self.norm1, shift_msa, scale_msa)), gate_msa)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        x = x + gate(self.mlp(x, pre=(self.norm2, shift_mlp, scale_mlp)), gate_mlp)  # (B, N, D)
         return x
 
 
@@ -143,7 +189,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_values)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(dim=1)  # 2 x (B, D)
+        """x (B, N, D), c (B, G, D) grouped as in DiTBlock."""
+        shift, scale = (self.scale_shift_table + c.unsqueeze(2)).unbind(dim=2)  # 2 x (B, G, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, pt*ph*pw*C)
 
 
@@ -171,6 +218,7 @@ class VideoDiT(nn.Module):
         rope_theta: float = 10000.0,
         grad_checkpointing: bool = False,
         pooled_text: bool = False,
+        recompute: bool = True,  # redo norms, modulation, QK-norm and RoPE in backward instead of saving them
     ):
         super().__init__()
         patch_size = [1, 2, 2] if patch_size is None else list(patch_size)
@@ -214,7 +262,7 @@ class VideoDiT(nn.Module):
         else:  # Latte variant 1: spatial and temporal blocks alternate
             modes = ["spatial" if i % 2 == 0 else "temporal" for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, mode, context_dim, qk_norm) for mode in modes]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, mode, context_dim, qk_norm, recompute) for mode in modes]
         )
         self.final_layer = FinalLayer(hidden_size, patch_values)
         self.initialize_weights()
@@ -269,15 +317,26 @@ class VideoDiT(nn.Module):
         t, h, w = self.grid(T, H, W)
         return t * h * w
 
-    def _condition(self, t_emb: torch.Tensor, labels: torch.Tensor | None,
-                   context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
-        B = t_emb.shape[0]
+    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> dict[str, tuple]:
+        """RoPE cos/sin per attention mode: the full grid (N, d), one frame's (H*W, d), one position's frames (T, d).
+
+        A spatial group's tokens share their frame, so the time rotation is the same for q and k and cancels
+        in q.k; its table keeps only the h and w rotations (time at position 0). Likewise a temporal group keeps
+        only time. Same logits as the full table, without an (N, d) table broadcast over the groups.
+        """
+        T, H, W = grid
+        return {"full": self.rope(T, H, W, device=device), "spatial": self.rope(1, H, W, device=device),
+                "temporal": self.rope(T, 1, 1, device=device)}  # fmt: skip
+
+    def _condition(self, B: int, device: torch.device, labels: torch.Tensor | None,
+                   context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """What the adaLN condition adds to the timestep embedding: (B, D), or None (timestep alone)."""
         if self.condition == "class":
             if labels is None:  # unconditional: the null label
-                labels = torch.full((B,), self.num_classes, dtype=torch.long, device=t_emb.device)
+                labels = torch.full((B,), self.num_classes, dtype=torch.long, device=device)
             if labels.shape != (B,):
                 raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
-            return t_emb + self.y_embedder(labels)  # (B, D)
+            return self.y_embedder(labels)  # (B, D)
         if self.condition == "text":
             if context is None:
                 raise ValueError(
@@ -289,35 +348,77 @@ class VideoDiT(nn.Module):
                 w = torch.ones(context.shape[:2], device=context.device) if context_mask is None else context_mask
                 w = w.to(context.dtype)[..., None]  # (B, L, 1): the mean runs over real tokens only
                 pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, text_dim)
-                return t_emb + self.text_pool(pooled.to(self.text_pool[0].weight.dtype))  # (B, D)
-        return t_emb  # (B, D)
+                return self.text_pool(pooled.to(self.text_pool[0].weight.dtype))  # (B, D)
+        return None
+
+    def _token_t(self, t: torch.Tensor, B: int, T: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """t of shape (), (B,), (B, latent frames) or (B, tokens) -> (B, G): G = 1, token frames, or tokens."""
+        gt, gh, gw = grid
+        tokens, pt = gt * gh * gw, self.patch_size[0]
+        if t.ndim == 0:
+            return t.expand(B, 1)
+        if t.ndim == 1 and t.shape == (B,):
+            return t[:, None]
+        if t.ndim == 2 and t.shape[0] == B and t.shape[1] == tokens:  # checked first: (B, tokens) wins a tie
+            return t
+        if t.ndim == 2 and t.shape[0] == B and t.shape[1] == T:  # per latent frame
+            if pt == 1:
+                return t
+            t = torch.cat([t, t[:, -1:].expand(-1, gt * pt - T)], dim=1).view(B, gt, pt)  # padded as x is
+            if not torch.equal(t, t[:, :, :1].expand_as(t)):
+                raise ValueError(f"a per-frame t must be equal within each temporal patch of {pt} latent frames, "
+                                 f"got {t.flatten(1).tolist()}")  # fmt: skip
+            return t[:, :, 0]
+        raise ValueError(f"t must be (B,) = ({B},), per latent frame (B, T) = ({B}, {T}) or per token "
+                         f"(B, tokens) = ({B}, {tokens}), got {tuple(t.shape)}")  # fmt: skip
+
+    def _modulation(self, t: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep t (B, G) and condition (B, D) or None -> adaLN condition c (B, G, D) and modulation (B, G, 6D)."""
+        B, G = t.shape
+        if G == 1:  # one t per sample: the DiT / PixArt path, 1 embedding per sample
+            c = self.t_embedder(t[:, 0])  # (B, D)
+            c = c if cond is None else c + cond  # (B, D)
+            return c.unsqueeze(1), self.t_block(c).unsqueeze(1)  # (B, 1, D), (B, 1, 6D)
+        # Per frame or token: a clip holds few distinct t (0 for clean conditioning, its noise level elsewhere),
+        # so embed each distinct (sample, t) pair once and index, instead of running the MLPs on every token.
+        rows = torch.arange(B, device=t.device, dtype=torch.float64).repeat_interleave(G)  # (B*G,)
+        pairs = torch.stack([rows, t.flatten().double()], dim=1)  # (B*G, 2); float64 holds both exactly
+        pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)  # (K, 2), (B*G,)
+        c = self.t_embedder(pairs[:, 1])  # (K, D)
+        if cond is not None:
+            c = c + cond[pairs[:, 0].long()]  # (K, D)
+        return c[inverse].view(B, G, -1), self.t_block(c)[inverse].view(B, G, -1)  # (B, G, D), (B, G, 6D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, H, W), t (B,) in [0, 1] (0 data, 1 noise) -> (B, C, T, H, W)."""
+        """x (B, C, T, H, W), t in [0, 1] (0 data, 1 noise) -> (B, C, T, H, W).
+
+        t is (B,), or (B, T) per latent frame, or (B, tokens) per token in (t, h, w) order: adaLN then modulates
+        each frame or token with its own noise level, and t = 0 marks clean conditioning (Wan2.2 TI2V, LTX).
+        A per-frame t must be equal within a temporal patch.
+        """
         B, C, T, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got x of shape {tuple(x.shape)}")
         pt, ph, pw = self.patch_size
         gt, gh, gw = self.grid(T, H, W)
-        t = t.expand(B) if t.ndim == 0 else t  # (B,)
+        t = self._token_t(t, B, T, (gt, gh, gw))  # (B, G): G = 1, gt or N
         if gt * pt != T:  # pad time by repeating the last frame; cropped again below
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, gt * pt - T, -1, -1)], dim=2)  # (B, C, T', H, W)
         h = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)",
                       pt=pt, ph=ph, pw=pw)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(h)  # (B, N, D)
-        t_emb = self.t_embedder(t)  # (B, D)
-        c = self._condition(t_emb, labels, context, context_mask)  # (B, D)
-        mod = self.t_block(c)  # (B, 6D), shared by all blocks
-        rope = self.rope(gt, gh, gw, device=x.device)  # 2 x (N, head_dim)
+        cond = self._condition(B, x.device, labels, context, context_mask)  # (B, D) or None
+        c, mod = self._modulation(t, cond)  # (B, G, D), (B, G, 6D); mod is shared by all blocks
+        ropes = self.rope_tables((gt, gh, gw), x.device)  # per attention mode: cos, sin (L, head_dim)
         grid = (gt, gh, gw)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(
-                    block, h, mod, rope, grid, context, context_mask, use_reentrant=False
+                    block, h, mod, ropes[block.attn_mode], grid, context, context_mask, use_reentrant=False
                 )  # (B, N, D)
             else:
-                h = block(h, mod, rope, grid, context, context_mask)  # (B, N, D)
+                h = block(h, mod, ropes[block.attn_mode], grid, context, context_mask)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, pt*ph*pw*C)
         out = rearrange(h, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                         t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw)  # (B, C, T', H, W)

@@ -28,9 +28,59 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x32 / peak, self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+def _groups(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View tokens x (B, N, D) as (B, G, N/G, D) and p (B, D) or (B, G, D) as (B, G, 1, D), G the groups of p."""
+    p = p.unsqueeze(1) if p.ndim == 2 else p  # (B, G, D); (B, D) is one group: every token
+    B, N, D = x.shape
+    return x.view(B, p.shape[1], N // p.shape[1], D), p.unsqueeze(2)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with per-sample (B, D) parameters broadcast over tokens of x (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift on x (B, N, D).
+
+    shift/scale are (B, D) per sample, or (B, G, D) per group of N/G consecutive tokens (G = frames for a
+    per-frame timestep, G = N per token); the grouping is a view, so the per-sample case costs what it did.
+    """
+    xg, scale = _groups(x, scale)
+    return (xg * (1 + scale) + shift.view_as(scale)).view_as(x)  # (B, N, D)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """adaLN gate: x * g on x (B, N, D), g (B, D) or (B, G, D) grouped as in modulate."""
+    xg, g = _groups(x, g)
+    return (xg * g).view_as(x)  # (B, N, D)
+
+
+class RecomputedLinear(torch.autograd.Function):
+    """linear(f(*inputs)) that saves f's inputs, not its output: backward redoes f, an elementwise map, for the weight.
+
+    For the inputs of a block's linears that are cheap maps of tensors kept anyway: the modulated norm of the
+    residual stream (qkv, fc1) and GELU of the MLP's hidden (fc2). Autograd would keep f's output beside its
+    inputs; torch.utils.checkpoint would do the same recompute, but its per-call cost was measurable on small
+    models. Under autocast the linear runs in the autocast dtype and backward uses the same precision.
+    """
+
+    @staticmethod
+    def forward(ctx, f, weight: torch.Tensor, bias: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.f = f
+        ctx.save_for_backward(weight, bias, *inputs)
+        with torch.no_grad():
+            h = f(*inputs)
+        return F.linear(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        weight, bias, *inputs = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+            h = ctx.f(*leaves)  # (..., in)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
+        d_weight = dy2.t().mm(h.detach().reshape(-1, h.shape[-1]).to(dy.dtype)).to(weight.dtype)  # (out, in)
+        d_bias = dy2.sum(0).to(bias.dtype)  # (out,)
+        dh = dy.matmul(weight.to(dy.dtype)).to(h.dtype)  # (..., in)
+        need = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad(h, need, dh) if need else ())
+        return (None, d_weight, d_bias, *(next(grads) if x.requires_grad else None for x in leaves))
 
 
 class TimestepEmbedder(nn.Module):

@@ -31,7 +31,7 @@ GROUPS = {
 }
 # open_clip's MLPs; not attn.out_proj: nn.MultiheadAttention reads out_proj.weight directly, bypassing a LoRA.
 TEXT_TARGETS = r"text\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"
-NOT_ARCHITECTURE = ("grad_checkpointing",)  # runtime switches: an adapter fits a base with either setting
+NOT_ARCHITECTURE = ("grad_checkpointing", "recompute")  # runtime switches: an adapter fits a base with either setting
 
 
 class LoraError(ValueError):
