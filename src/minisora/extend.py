@@ -54,6 +54,7 @@ def extend_video(pipe: TextToVideoPipeline, prompts: Sequence[str], video: Any, 
                  **kwargs: Any) -> list[np.ndarray]:  # fmt: skip
     """The clip `video`, then frames sampled for each prompt until it is extend_to frames long: uint8 (N, H, W, 3) each.
 
+    `video`: a path or uint8 (F, H, W, 3) array for every prompt, or a list of them, one per prompt (same length).
     num_frames is the window (default: the training clip length); `overlap` latent frames of context per
     window; kwargs go to sample_latents (steps, guidance, sampler, condition, ...). Each prompt's noise comes
     from its own seed's generator, drawn window after window, so batching never changes a video.
@@ -64,17 +65,22 @@ def extend_video(pipe: TextToVideoPipeline, prompts: Sequence[str], video: Any, 
     if not isinstance(overlap, (int, np.integer)) or not 1 <= overlap < latent_t:
         raise ValueError(f"overlap must be 1 to {latent_t - 1} latent frames for a {T}-frame window, got {overlap!r}")
     K = context_frames(overlap, kt)
-    start = read_all(video, H, W)  # (F, H, W, 3)
-    if len(start) < K:
-        raise ValueError(f"the video has {len(start)} frame(s); {K} are needed as context ({overlap} latent frames)")
-    if not isinstance(extend_to, (int, np.integer)) or extend_to <= len(start):
-        raise ValueError(f"extend_to must be more frames than the video's {len(start)}, got {extend_to!r}")
+    per_prompt = isinstance(video, (list, tuple))
+    if per_prompt and len(video) != len(prompts):
+        raise ValueError(f"got {len(video)} videos for {len(prompts)} prompts")
+    videos = [read_all(v, H, W) for v in video] if per_prompt else [read_all(video, H, W)] * len(prompts)
+    start = len(videos[0])
+    if any(len(v) != start for v in videos):
+        raise ValueError(f"the videos to extend must have the same length, got {sorted({len(v) for v in videos})}")
+    if start < K:
+        raise ValueError(f"the video has {start} frame(s); {K} are needed as context ({overlap} latent frames)")
+    if not isinstance(extend_to, (int, np.integer)) or extend_to <= start:
+        raise ValueError(f"extend_to must be more frames than the video's {start}, got {extend_to!r}")
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, (int, np.integer)) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    videos = [start] * len(prompts)
-    for w in range(window_count(len(start), extend_to, T, K)):
+    for w in range(window_count(start, extend_to, T, K)):
         known = torch.cat([pipe.encode_frames(v[-K:]) for v in videos])  # (B, C, overlap, h, w)
         latents = pipe.sample_latents(
             list(prompts), num_frames=T, height=H, width=W, generator=generators, known=known,
