@@ -55,7 +55,7 @@ def test_known_frames_are_clean_inputs_and_out_of_the_loss():
     t, k = torch.tensor([0.7, 0.4, 0.9]), torch.tensor([1, 2, 0])
     ft, frames = frame_timesteps(t, k, 5), frame_timesteps(torch.ones(3), k, 5) > 0
     net = Recorder()
-    loss = diffusion.flow_loss(net, x0, ft, noise, prediction="x0", frames=frames)  # (3,)
+    loss = diffusion.flow_loss(net, x0, ft, noise, prediction="x0", mask=frames)  # (3,)
     x_in, t_in = net.seen[0]
     assert torch.equal(t_in, ft) and torch.equal(x_in[0, :, :1], x0[0, :, :1]) and torch.equal(x_in[1, :, :2], x0[1, :, :2])
     torch.testing.assert_close(x_in[0, :, 1:], 0.3 * x0[0, :, 1:] + 0.7 * noise[0, :, 1:])
@@ -64,7 +64,7 @@ def test_known_frames_are_clean_inputs_and_out_of_the_loss():
         out = net(x, t)
         return torch.where(frames[:, None, :, None, None], out, torch.full_like(out, 1e3))
 
-    torch.testing.assert_close(diffusion.flow_loss(spoiled, x0, ft, noise, prediction="x0", frames=frames), loss)
+    torch.testing.assert_close(diffusion.flow_loss(spoiled, x0, ft, noise, prediction="x0", mask=frames), loss)
     # By hand: the velocity MSE over the unknown frames only.
     v_hat = (x_in - net(x_in, ft)) / ft[:, None, :, None, None].clamp(min=0.05)
     err = (v_hat - (noise - x0)) ** 2

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from minisora import diffusion
 from minisora.io import probe, read_clip
 
 
@@ -140,17 +141,17 @@ def check_conditioning(p_image: float, p_extend: float, extend_frames: list[int]
 def clean_known(model: Callable, known: torch.Tensor) -> Callable:
     """Velocity callable whose first k latent frames are `known`, clean: the model sees them with t = 0.
 
-    The model gets per-latent-frame timesteps (B, T): 0 on the known frames, the step's t elsewhere, as in
-    training with p_image / p_extend (and as Wan2.2-TI2V's per-token timesteps do). Their velocity is 0, so
-    any sampler leaves those frames of x where they are; the caller pins them to `known` at the end.
+    Before each call the known latents are put into those frames (whatever the sampler carries there), then
+    diffusion.fixed_frames gives the model per-latent-frame timesteps (B, T), 0 on the known frames and the
+    step's t elsewhere, as in training with p_image / p_extend (and as Wan2.2-TI2V's per-token timesteps
+    do), and their velocity 0. The caller pins those frames to `known` at the end.
     """
     k = known.shape[2]
 
     def f(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         B, _, T = x.shape[:3]
         x = torch.cat([known.to(x).expand(B, -1, -1, -1, -1), x[:, :, k:]], dim=2)  # (B, C, T, h, w)
-        t = t.expand(B) if t.ndim == 0 else t
-        v = model(x, frame_timesteps(t, torch.full((B,), k, device=t.device), T), **cond)  # (B, C, T, h, w)
-        return torch.cat([torch.zeros_like(v[:, :, :k]), v[:, :, k:]], dim=2)  # (B, C, T, h, w)
+        clean = (torch.arange(T, device=x.device) < k).expand(B, T)  # (B, T)
+        return diffusion.fixed_frames(model, clean)(x, t, **cond)
 
     return f

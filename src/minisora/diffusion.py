@@ -14,12 +14,7 @@ PREDICTIONS = ("v", "x0")
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) matching x's rank; per latent frame (B, T) -> (B, 1, T, 1, 1) for x (B, C, T, H, W)."""
-    if t.ndim == 2:
-        if x.ndim != 5 or t.shape != (x.shape[0], x.shape[2]):
-            raise ValueError(f"a per-frame t must be (B, T) = ({x.shape[0]}, {x.shape[2] if x.ndim == 5 else '?'}) "
-                             f"for x {tuple(x.shape)}, got {tuple(t.shape)}")  # fmt: skip
-        return t[:, None, :, None, None].to(x.dtype)
+    """(B,) -> (B, 1, ..., 1) matching x's rank."""
     return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
@@ -52,7 +47,7 @@ def sample_t(batch_size: int, *, generator: torch.Generator | None = None, devic
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t noise, t (B,) or per latent frame (B, T)."""
+    """x_t = (1 - t) x0 + t noise, t (B,)."""
     t = _bcast(t, x0)
     return (1 - t) * x0 + t * noise
 
@@ -86,12 +81,9 @@ def velocity_model(model: Callable, prediction: str) -> Callable:
 
 
 def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str = "v",
-              t_eps: float = 0.05, frames: torch.Tensor | None = None, **cond) -> torch.Tensor:
+              t_eps: float = 0.05, **cond) -> torch.Tensor:
     """Per-sample MSE (B,) between the predicted and the true velocity at x_t.
 
-    t is (B,), or per latent frame (B, T) for conditioning frames given clean (t = 0; see conditioning.py);
-    `frames` (B, T) bool: the latent frames the loss counts (default all), so clean conditioning frames,
-    which the model is given rather than asked for, are left out.
     prediction "x0": the network predicts the clean sample, converted to velocity (x_t - x0_hat) / t; the loss is
     the same velocity MSE, i.e. an x0 loss weighted by 1/t^2, capped at t_eps (the clamp only bounds that weight
     near t = 0; sampling uses the exact conversion, see velocity_model). The calibration prototype showed that
@@ -101,11 +93,7 @@ def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
     """
     x_t = add_noise(x0, noise, t)  # (B, ...)
     v_hat = to_velocity(model(x_t, t, **cond), x_t, t, prediction, t_eps=t_eps)  # (B, ...)
-    err = F.mse_loss(v_hat.float(), velocity_target(x0, noise).float(), reduction="none")  # (B, ...)
-    if frames is None:
-        return err.flatten(1).mean(1)  # (B,)
-    w = _bcast(frames, err).expand_as(err)  # (B, C, T, H, W): 1 on the frames in the loss
-    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)  # (B,)
+    return F.mse_loss(v_hat.float(), velocity_target(x0, noise).float(), reduction="none").flatten(1).mean(1)  # (B,)
 
 
 def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:

@@ -353,9 +353,9 @@ class TextToVideoPipeline:
         Other keywords: steps, guidance, sampler ("euler" | "heun"), generator (one per prompt), batched_cfg,
         labels (class-conditioned models). `image` (a path or uint8 (H, W, 3)) animates an image; `video`
         (a path or uint8 (T, H, W, 3)) with `keep_frames` continues a clip inside one window; with `extend_to` the
-        whole clip (or a list of clips, one per prompt) is continued to extend_to frames, window after window (minisora.extend; `overlap` latent frames
-        of context per window, condition "trained" | "replace"). `callback(info)` runs after
-        every step with info["i"], ["t"], ["x"], ["denoised"] and ["batch"] (the batch's first prompt index).
+        whole clip (or a list of clips, one per prompt) is continued to extend_to frames, window after window
+        (minisora.extend; `overlap` latent frames of context per window). `condition`: "trained" | "replace" (see
+        sample_latents). `callback(info)` runs after every step with info["i"], ["t"], ["x"], ["denoised"] and ["batch"] (the batch's first prompt index).
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)

@@ -191,7 +191,7 @@ class LitVideoDiT(L.LightningModule):
             k = draw_known_frames(gen, B * world, T, self.p_image, self.p_extend, self.extend_frames)[rank::world]
             if k.any():
                 t_in, frames = frame_timesteps(t, k, T), frame_timesteps(torch.ones_like(t), k, T) > 0  # (B, T) each
-        losses = diffusion.flow_loss(self.net, x0, t_in, noise, prediction=self.prediction, frames=frames,
+        losses = diffusion.flow_loss(self.net, x0, t_in, noise, prediction=self.prediction, mask=frames,
                                      **self._cond(batch, drop))  # (B,)
         return losses, t
 
