@@ -168,3 +168,48 @@ def test_cfg_with_videodit_batched_equals_unbatched():
         b = D.cfg_model(model, 3.0, cond, uncond, batched=False)(x, t)
         out = D.sample_euler(D.cfg_model(model, 3.0, cond, uncond), x, D.timesteps(3))
     assert torch.allclose(a, b, atol=1e-5) and out.shape == x.shape
+
+
+def test_per_frame_t_in_noise_loss_and_mask():
+    x0, noise = torch.randn(2, 3, 4, 2, 2), torch.randn(2, 3, 4, 2, 2)
+    t = torch.tensor([[0.0, 0.5, 0.5, 0.5], [0.0, 0.0, 0.2, 0.2]])  # clean leading frames
+    x_t = D.add_noise(x0, noise, t)
+    assert torch.equal(x_t[0, :, 0], x0[0, :, 0]) and torch.equal(x_t[1, :, :2], x0[1, :, :2])
+    assert torch.allclose(x_t[0, :, 1], (x0[0, :, 1] + noise[0, :, 1]) / 2)
+    seen = []
+
+    def model(x, t_model):
+        seen.append(t_model)
+        return torch.zeros_like(x)
+
+    err = (noise - x0).square().mean(dim=(1, 3, 4))  # (B, T) per-frame MSE of a zero prediction
+    mask = (t > 0).float()
+    loss = D.flow_loss(model, x0, t, noise, mask=mask)
+    assert seen[0] is t  # the model gets the per-frame t as given
+    assert torch.allclose(loss, (err * mask).sum(1) / mask.sum(1))  # clean frames are left out
+    assert torch.allclose(D.flow_loss(model, x0, t, noise), err.mean(1))  # no mask: every element counts
+    with pytest.raises(ValueError, match=r"does not fit x of shape \(2, 3, 4, 2, 2\)"):
+        D.flow_loss(model, x0, torch.rand(2, 5), noise)
+
+
+def test_fixed_frames_hold_clean_frames_through_samplers():
+    from minisora.models.dit import VideoDiT
+
+    torch.manual_seed(0)
+    net = VideoDiT(in_channels=2, hidden_size=24, depth=1, num_heads=2, condition="none")
+    with torch.no_grad():
+        net.final_layer.linear.weight.normal_(std=0.1)
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return net(x, t)
+
+    clean = torch.tensor([[True, False, False]])
+    x = torch.randn(1, 2, 3, 4, 4)
+    ts = D.timesteps(3)
+    for sampler in (D.sample_euler, D.sample_heun):
+        out = sampler(D.fixed_frames(model, clean), x, ts)
+        assert torch.equal(out[:, :, 0], x[:, :, 0]) and not torch.allclose(out[:, :, 1:], x[:, :, 1:])
+    assert all(s.shape == (1, 3) and (s[:, 0] == 0).all() for s in seen)
+    assert torch.equal(seen[0], torch.tensor([[0.0, 1.0, 1.0]]))

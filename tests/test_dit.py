@@ -267,3 +267,71 @@ def test_constructor_annotations_fit_the_config_schema():
     for name, param in inspect.signature(VideoDiT).parameters.items():
         assert param.annotation in allowed, f"VideoDiT.{name}: {param.annotation}"
         assert param.default is not inspect.Parameter.empty, name
+
+
+# ---- per-frame and per-token timesteps ----
+
+@pytest.mark.parametrize("layout,condition", [("full", "text"), ("factorized", "class"), ("factorized", "none")])
+def test_per_token_t_all_equal_matches_per_sample(layout, condition):
+    model = tiny(layout=layout, condition=condition, pooled_text=condition == "text").eval()
+    perturb_zero_init(model)
+    x, t, cond = torch.randn(2, C, 3, 4, 6), torch.tensor([0.3, 0.8]), cond_for(condition, 2)
+    ref = model(x, t, **cond)
+    N = model.tokens(3, 4, 6)
+    per_token = model(x, t[:, None].expand(2, N), **cond)
+    per_frame = model(x, t[:, None].expand(2, 3), **cond)
+    assert (per_token - ref).abs().max() <= 1e-6 and (per_frame - ref).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_per_frame_t_equals_expanded_per_token_t(layout):
+    model = tiny(layout=layout).eval()
+    perturb_zero_init(model)
+    T, H, W = 3, 4, 6
+    x, cond = torch.randn(2, C, T, H, W), cond_for("text", 2)
+    t_frame = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.9]])  # clean first frame(s), as image-to-video gives them
+    tokens_per_frame = (H // 2) * (W // 2)
+    t_token = t_frame.repeat_interleave(tokens_per_frame, dim=1)  # (B, N) in (t, h, w) order
+    a, b = model(x, t_frame, **cond), model(x, t_token, **cond)
+    assert (a - b).abs().max() <= 1e-6
+    # and each frame's t matters: a clean first frame is modulated differently from a noisy one
+    c = model(x, torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.9]]), **cond)
+    assert not torch.allclose(a[0], c[0], atol=1e-4) and torch.allclose(a[1], c[1], atol=1e-6)
+
+
+def test_per_frame_t_with_temporal_patch_and_bad_shapes():
+    model = tiny(patch_size=[2, 2, 2]).eval()
+    perturb_zero_init(model)
+    x, cond = torch.randn(1, C, 5, 4, 4), cond_for("text", 1)  # 5 frames pad to 3 temporal patches
+    same = model(x, torch.tensor([[0.0, 0.0, 0.4, 0.4, 0.7]]), **cond)
+    assert (same - model(x, torch.tensor([[0.0, 0.4, 0.7]]).repeat_interleave(4, dim=1), **cond)).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="within each temporal patch of 2"):
+        model(x, torch.tensor([[0.0, 0.4, 0.4, 0.4, 0.7]]), **cond)
+    with pytest.raises(ValueError, match=r"per latent frame \(B, T\) = \(1, 5\)"):
+        model(x, torch.rand(1, 7), **cond)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_per_frame_t_gradients_flow_and_checkpointing_matches(ckpt):
+    x, cond = torch.randn(2, C, 3, 4, 4), cond_for("text", 2)
+    t = torch.tensor([[0.0, 0.6, 0.6], [0.0, 0.2, 0.2]])
+    grads = []
+    for use in (False, ckpt):
+        model = tiny(layout="factorized", grad_checkpointing=use, pooled_text=True).train()
+        perturb_zero_init(model)
+        model(x, t, **cond).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    missing = [n for n, p in model.named_parameters() if n not in grads[1] or grads[1][n].abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_per_frame_t_under_bf16_autocast():
+    model = tiny(layout="factorized").eval()
+    perturb_zero_init(model)
+    x, cond, t = torch.randn(2, C, 3, 4, 4), cond_for("text", 2), torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.9]])
+    ref = model(x, t, **cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, **cond)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.05 * ref.abs().max()

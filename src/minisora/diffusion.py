@@ -2,6 +2,11 @@
 
 Convention: x_t = (1 - t) * x0 + t * noise, t = 0 is data and t = 1 is noise; the velocity is
 v = dx_t/dt = noise - x0, and sampling integrates the ODE from t = 1 down to t = 0.
+
+t is one noise level per sample (B,), or per latent frame (B, T) of a video (B, C, T, H, W), or any tensor of
+x's rank that broadcasts to it; the model receives t as given. A frame at t = 0 is clean conditioning
+(image-to-video, extension): `fixed_frames` holds such frames through any sampler, and flow_loss's `mask`
+leaves them out of the loss.
 """
 
 import math
@@ -14,8 +19,15 @@ PREDICTIONS = ("v", "x0")
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) matching x's rank."""
-    return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    """t (B,), per latent frame (B, T) of x (B, C, T, H, W), or of x's rank -> a tensor that broadcasts to x."""
+    if t.ndim == x.ndim:
+        return t.to(x.dtype)
+    if t.ndim <= 1:
+        return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)  # (B, 1, ..., 1)
+    if t.ndim == 2 and x.ndim == 5 and t.shape == (x.shape[0], x.shape[2]):
+        return t[:, None, :, None, None].to(x.dtype)  # (B, 1, T, 1, 1)
+    raise ValueError(f"t of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}: expected (B,), per "
+                     f"latent frame (B, T) of a (B, C, T, H, W) video, or a tensor of x's rank")  # fmt: skip
 
 
 def shift_t(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -47,7 +59,7 @@ def sample_t(batch_size: int, *, generator: torch.Generator | None = None, devic
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t noise, t (B,)."""
+    """x_t = (1 - t) x0 + t noise, t (B,) or per frame (B, T); frames at t = 0 stay x0."""
     t = _bcast(t, x0)
     return (1 - t) * x0 + t * noise
 
@@ -81,8 +93,12 @@ def velocity_model(model: Callable, prediction: str) -> Callable:
 
 
 def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str = "v",
-              t_eps: float = 0.05, **cond) -> torch.Tensor:
+              t_eps: float = 0.05, mask: torch.Tensor | None = None, **cond) -> torch.Tensor:
     """Per-sample MSE (B,) between the predicted and the true velocity at x_t.
+
+    t is (B,) or per frame (B, T) (see the module docstring) and goes to the model as given. `mask`, shaped
+    like t or broadcastable to x, weights the squared error; the loss is then the mean over the weighted
+    elements, so clean conditioning frames (mask 0) count for nothing. A sample with an all-zero mask gets 0.
 
     prediction "x0": the network predicts the clean sample, converted to velocity (x_t - x0_hat) / t; the loss is
     the same velocity MSE, i.e. an x0 loss weighted by 1/t^2, capped at t_eps (the clamp only bounds that weight
@@ -93,7 +109,11 @@ def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
     """
     x_t = add_noise(x0, noise, t)  # (B, ...)
     v_hat = to_velocity(model(x_t, t, **cond), x_t, t, prediction, t_eps=t_eps)  # (B, ...)
-    return F.mse_loss(v_hat.float(), velocity_target(x0, noise).float(), reduction="none").flatten(1).mean(1)  # (B,)
+    err = F.mse_loss(v_hat.float(), velocity_target(x0, noise).float(), reduction="none")  # (B, ...)
+    if mask is None:
+        return err.flatten(1).mean(1)  # (B,)
+    w = _bcast(mask, err).expand_as(err)  # (B, ...)
+    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)  # (B,)
 
 
 def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -101,6 +121,23 @@ def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
+
+
+def fixed_frames(model: Callable, clean: torch.Tensor) -> Callable:
+    """Velocity callable on which any sampler keeps the frames marked `clean` (B, T) exactly as they start.
+
+    The model sees t per frame, t * (1 - clean): 0 on clean frames (conditioning, as Wan2.2 TI2V and
+    LTX-Video give it), the sampler's t elsewhere; the velocity of clean frames is 0, so they never move.
+    Start the sampler from x with the clean latents in those frames and noise in the rest.
+    """
+    keep = 1 - clean.float()  # (B, T)
+
+    def f(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        v = model(x, t[:, None] * keep.to(t), **cond)  # (B, C, T, H, W)
+        return v * _bcast(keep, v)
+
+    return f
 
 
 @torch.no_grad()

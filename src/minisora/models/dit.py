@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-from minisora.models.layers import RMSNorm, RoPE3D, TimestepEmbedder, apply_rope, modulate
+from minisora.models.layers import RMSNorm, RoPE3D, TimestepEmbedder, apply_rope, gate, modulate
 
 LAYOUTS = ("full", "factorized")
 CONDITIONS = ("text", "class", "none")
@@ -123,13 +123,14 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 grid: tuple[int, int, int], context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        mod = rearrange(mod, "b (six d) -> b six d", six=6) + self.scale_shift_table  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=1)  # 6 x (B, D)
+        # mod (B, G, 6D): G = 1 for a per-sample t, frames or tokens for a per-frame or per-token t
+        mod = rearrange(mod, "b g (six d) -> b g six d", six=6) + self.scale_shift_table  # (B, G, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=2)  # 6 x (B, G, D)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h, rope, grid, self.attn_mode)  # (B, N, D)
+        x = x + gate(self.attn(h, rope, grid, self.attn_mode), gate_msa)  # (B, N, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        x = x + gate(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), gate_mlp)  # (B, N, D)
         return x
 
 
@@ -143,7 +144,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_values)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(dim=1)  # 2 x (B, D)
+        """x (B, N, D), c (B, G, D) grouped as in DiTBlock."""
+        shift, scale = (self.scale_shift_table + c.unsqueeze(2)).unbind(dim=2)  # 2 x (B, G, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, pt*ph*pw*C)
 
 
@@ -269,15 +271,15 @@ class VideoDiT(nn.Module):
         t, h, w = self.grid(T, H, W)
         return t * h * w
 
-    def _condition(self, t_emb: torch.Tensor, labels: torch.Tensor | None,
-                   context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
-        B = t_emb.shape[0]
+    def _condition(self, B: int, device: torch.device, labels: torch.Tensor | None,
+                   context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """What the adaLN condition adds to the timestep embedding: (B, D), or None (timestep alone)."""
         if self.condition == "class":
             if labels is None:  # unconditional: the null label
-                labels = torch.full((B,), self.num_classes, dtype=torch.long, device=t_emb.device)
+                labels = torch.full((B,), self.num_classes, dtype=torch.long, device=device)
             if labels.shape != (B,):
                 raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
-            return t_emb + self.y_embedder(labels)  # (B, D)
+            return self.y_embedder(labels)  # (B, D)
         if self.condition == "text":
             if context is None:
                 raise ValueError(
@@ -289,26 +291,68 @@ class VideoDiT(nn.Module):
                 w = torch.ones(context.shape[:2], device=context.device) if context_mask is None else context_mask
                 w = w.to(context.dtype)[..., None]  # (B, L, 1): the mean runs over real tokens only
                 pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, text_dim)
-                return t_emb + self.text_pool(pooled.to(self.text_pool[0].weight.dtype))  # (B, D)
-        return t_emb  # (B, D)
+                return self.text_pool(pooled.to(self.text_pool[0].weight.dtype))  # (B, D)
+        return None
+
+    def _token_t(self, t: torch.Tensor, B: int, T: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """t of shape (), (B,), (B, latent frames) or (B, tokens) -> (B, G): G = 1, token frames, or tokens."""
+        gt, gh, gw = grid
+        tokens, pt = gt * gh * gw, self.patch_size[0]
+        if t.ndim == 0:
+            return t.expand(B, 1)
+        if t.ndim == 1 and t.shape == (B,):
+            return t[:, None]
+        if t.ndim == 2 and t.shape[0] == B and t.shape[1] == tokens:  # checked first: (B, tokens) wins a tie
+            return t
+        if t.ndim == 2 and t.shape[0] == B and t.shape[1] == T:  # per latent frame
+            if pt == 1:
+                return t
+            t = torch.cat([t, t[:, -1:].expand(-1, gt * pt - T)], dim=1).view(B, gt, pt)  # padded as x is
+            if not torch.equal(t, t[:, :, :1].expand_as(t)):
+                raise ValueError(f"a per-frame t must be equal within each temporal patch of {pt} latent frames, "
+                                 f"got {t.flatten(1).tolist()}")  # fmt: skip
+            return t[:, :, 0]
+        raise ValueError(f"t must be (B,) = ({B},), per latent frame (B, T) = ({B}, {T}) or per token "
+                         f"(B, tokens) = ({B}, {tokens}), got {tuple(t.shape)}")  # fmt: skip
+
+    def _modulation(self, t: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep t (B, G) and condition (B, D) or None -> adaLN condition c (B, G, D) and modulation (B, G, 6D)."""
+        B, G = t.shape
+        if G == 1:  # one t per sample: the DiT / PixArt path, 1 embedding per sample
+            c = self.t_embedder(t[:, 0])  # (B, D)
+            c = c if cond is None else c + cond  # (B, D)
+            return c.unsqueeze(1), self.t_block(c).unsqueeze(1)  # (B, 1, D), (B, 1, 6D)
+        # Per frame or token: a clip holds few distinct t (0 for clean conditioning, its noise level elsewhere),
+        # so embed each distinct (sample, t) pair once and index, instead of running the MLPs on every token.
+        rows = torch.arange(B, device=t.device, dtype=torch.float64).repeat_interleave(G)  # (B*G,)
+        pairs = torch.stack([rows, t.flatten().double()], dim=1)  # (B*G, 2); float64 holds both exactly
+        pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)  # (K, 2), (B*G,)
+        c = self.t_embedder(pairs[:, 1])  # (K, D)
+        if cond is not None:
+            c = c + cond[pairs[:, 0].long()]  # (K, D)
+        return c[inverse].view(B, G, -1), self.t_block(c)[inverse].view(B, G, -1)  # (B, G, D), (B, G, 6D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, H, W), t (B,) in [0, 1] (0 data, 1 noise) -> (B, C, T, H, W)."""
+        """x (B, C, T, H, W), t in [0, 1] (0 data, 1 noise) -> (B, C, T, H, W).
+
+        t is (B,), or (B, T) per latent frame, or (B, tokens) per token in (t, h, w) order: adaLN then modulates
+        each frame or token with its own noise level, and t = 0 marks clean conditioning (Wan2.2 TI2V, LTX).
+        A per-frame t must be equal within a temporal patch.
+        """
         B, C, T, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got x of shape {tuple(x.shape)}")
         pt, ph, pw = self.patch_size
         gt, gh, gw = self.grid(T, H, W)
-        t = t.expand(B) if t.ndim == 0 else t  # (B,)
+        t = self._token_t(t, B, T, (gt, gh, gw))  # (B, G): G = 1, gt or N
         if gt * pt != T:  # pad time by repeating the last frame; cropped again below
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, gt * pt - T, -1, -1)], dim=2)  # (B, C, T', H, W)
         h = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)",
                       pt=pt, ph=ph, pw=pw)  # (B, N, pt*ph*pw*C)
         h = self.x_embedder(h)  # (B, N, D)
-        t_emb = self.t_embedder(t)  # (B, D)
-        c = self._condition(t_emb, labels, context, context_mask)  # (B, D)
-        mod = self.t_block(c)  # (B, 6D), shared by all blocks
+        cond = self._condition(B, x.device, labels, context, context_mask)  # (B, D) or None
+        c, mod = self._modulation(t, cond)  # (B, G, D), (B, G, 6D); mod is shared by all blocks
         rope = self.rope(gt, gh, gw, device=x.device)  # 2 x (N, head_dim)
         grid = (gt, gh, gw)
         for block in self.blocks:

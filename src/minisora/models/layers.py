@@ -28,9 +28,27 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x32 / peak, self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+def _groups(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View tokens x (B, N, D) as (B, G, N/G, D) and p (B, D) or (B, G, D) as (B, G, 1, D), G the groups of p."""
+    p = p.unsqueeze(1) if p.ndim == 2 else p  # (B, G, D); (B, D) is one group: every token
+    B, N, D = x.shape
+    return x.view(B, p.shape[1], N // p.shape[1], D), p.unsqueeze(2)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with per-sample (B, D) parameters broadcast over tokens of x (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift on x (B, N, D).
+
+    shift/scale are (B, D) per sample, or (B, G, D) per group of N/G consecutive tokens (G = frames for a
+    per-frame timestep, G = N per token); the grouping is a view, so the per-sample case costs what it did.
+    """
+    xg, scale = _groups(x, scale)
+    return (xg * (1 + scale) + shift.view_as(scale)).view_as(x)  # (B, N, D)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """adaLN gate: x * g on x (B, N, D), g (B, D) or (B, G, D) grouped as in modulate."""
+    xg, g = _groups(x, g)
+    return (xg * g).view_as(x)  # (B, N, D)
 
 
 class TimestepEmbedder(nn.Module):
