@@ -21,6 +21,8 @@ def test_draws_follow_the_probabilities_and_the_range():
     assert draw_known_frames(g, 1000, 3, 0.0, 1.0, (2, 4)).max() == 2
     assert draw_known_frames(g, 1000, 1, 0.5, 0.5, (2, 4)).max() == 0
     assert not draw_known_frames(g, 1000, 5, 0.0, 0.0, (2, 3)).any()
+    # A DiT with temporal patch 2 gets whole patches: k in {0, 2, 4}, at most 4 of 6 frames (one patch left).
+    assert set(draw_known_frames(g, 1000, 6, 0.3, 0.5, (1, 5), multiple=2).tolist()) == {0, 2, 4}
 
 
 def test_frame_timesteps_and_bad_settings():

@@ -189,3 +189,24 @@ def test_ti2v_image_to_video_parity(folders):
     with pytest.raises(ValueError, match="Wan2.2-TI2V"):
         sample_released(load_released(folders["wan21"], vae=False), [rf.PROMPT], image=image,
                         **{**args, "num_frames": rf.CLIPS["wan21"][0]})  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["wan22", "ltx"])
+def test_per_frame_t_is_the_per_token_t_of_each_frame(family):
+    """A per-latent-frame t (B, T) (what training with conditioning frames gives) equals its per-token expansion, and
+    equal frames equal the (B,) t; a clean frame 0 changes the output."""
+    from minisora.models.released import LTXDenoiser, WanDenoiser
+
+    if family == "ltx":
+        denoiser, C, per_frame_tokens = LTXDenoiser(rf.ltx_parts()["transformer"], 8, 32), 8, 4
+    else:
+        denoiser, C, per_frame_tokens = WanDenoiser(rf.wan_parts(True)["transformer"], expand_timesteps=True), 48, 1
+    x, context = torch.randn(2, C, 3, 2, 2), torch.randn(2, 5, rf.TEXT_DIM)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        same = denoiser(x, t, context)
+        torch.testing.assert_close(denoiser(x, t[:, None].expand(2, 3).clone(), context), same, atol=1e-5, rtol=0)
+        tf = torch.tensor([[0.0, 0.3, 0.3], [0.0, 0.8, 0.8]])
+        per_frame = denoiser(x, tf, context)
+        torch.testing.assert_close(per_frame, denoiser(x, tf.repeat_interleave(per_frame_tokens, 1), context))
+    assert (per_frame - same).abs().max() > 0.01

@@ -104,19 +104,20 @@ MODES = ("trained", "replace")  # how known frames condition sampling: clean_kno
 
 
 def draw_known_frames(generator: torch.Generator, n: int, T: int, p_image: float, p_extend: float,
-                      extend_frames: tuple[int, int]) -> torch.Tensor:
+                      extend_frames: tuple[int, int], multiple: int = 1) -> torch.Tensor:
     """How many leading latent frames of each of n clips of T latent frames are given clean: k (n,) long.
 
     With probability p_image 1 (image-to-video), with p_extend k uniform in extend_frames = [lo, hi]
     (continuation), else 0 (text-to-video); at most T - 1, so every clip keeps a frame to learn from
-    (0 for one-frame image clips). Always two draws from `generator`, so the stream after them does not
-    depend on the outcome.
+    (0 for one-frame image clips). k is rounded up to a `multiple` (a DiT's temporal patch: one t per
+    token). Always two draws from `generator`, so the stream after them does not depend on the outcome.
     """
     lo, hi = extend_frames
     u = torch.rand(n, generator=generator, device=generator.device)  # (n,)
     k_extend = torch.randint(lo, hi + 1, (n,), generator=generator, device=generator.device)  # (n,)
     k = torch.where(u < p_image, torch.ones_like(k_extend), torch.where(u < p_image + p_extend, k_extend, 0))
-    return k.clamp(max=T - 1)  # (n,)
+    k = -(-k // multiple) * multiple  # (n,)
+    return k.clamp(max=(T - 1) // multiple * multiple)  # (n,)
 
 
 def frame_timesteps(t: torch.Tensor, k: torch.Tensor, T: int) -> torch.Tensor:

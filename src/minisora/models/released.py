@@ -1,8 +1,8 @@
 """Released video models (Wan2.1 T2V, Wan2.2 TI2V, LTX-Video) behind minisora's denoiser interface.
 
 A released transformer becomes the callable every minisora sampler and loss takes, `model(x_t, t, **cond) -> v`:
-x_t (B, C, T, H, W) normalised latents, t in [0, 1] as (B,) or per token (B, tokens) (Wan also per latent frame,
-(B, T)), cond `context` (B, L, D)
+x_t (B, C, T, H, W) normalised latents, t in [0, 1] as (B,), per latent frame (B, T) or per token (B, tokens),
+cond `context` (B, L, D)
 and `context_mask` (B, L), v = noise - x0. That is diffusers' own convention with sigma = t and
 timestep = 1000 t, so nothing is converted but the layout (checked against diffusers 0.42: DESIGN.md). Each
 adapter keeps its family's quirks inside: Wan's per-token timesteps for TI2V, LTX-Video's token packing,
@@ -117,7 +117,9 @@ class LTXDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, C, T, H, W = x.shape
-        _check_t(t, B, self.tokens(T, H, W))
+        _check_t(t, B, self.tokens(T, H, W), T)
+        if t.ndim == 2 and t.shape[1] != self.tokens(T, H, W):  # per latent frame -> per token, (t h w) order
+            t = t.repeat_interleave(H * W, dim=1)  # (B, tokens)
         if context_mask is None:
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)  # (B, L)
         dtype = self.transformer.dtype

@@ -188,7 +188,8 @@ class LitVideoDiT(L.LightningModule):
         t_in, frames = t, None  # validation stays text-to-video: its curve compares with runs without conditioning
         if train:  # the first k latent frames clean (t = 0) and out of the loss
             T = x0.shape[2]
-            k = draw_known_frames(gen, B * world, T, self.p_image, self.p_extend, self.extend_frames)[rank::world]
+            k = draw_known_frames(gen, B * world, T, self.p_image, self.p_extend, self.extend_frames,
+                                  self.model.patch_size[0])[rank::world]  # (B,)
             if k.any():
                 t_in, frames = frame_timesteps(t, k, T), frame_timesteps(torch.ones_like(t), k, T) > 0  # (B, T) each
         losses = diffusion.flow_loss(self.net, x0, t_in, noise, prediction=self.prediction, mask=frames,
