@@ -66,6 +66,7 @@ def long_videos(pipe, items: list[str], clips: list[np.ndarray], length: int, mo
     new = T - context_frames(args.overlap, pipe.vae.temporal_compression)
     results = [evaluate_long_video(v, p, start=len(c), new_per_window=new) for v, p, c in zip(videos, items, clips)]
     return {"n": len(results), "direction every window": rate(r.directions_ok for r in results),
+            "windows with the direction": rate(d == r.direction for r in results for d in r.window_directions),
             "direction visible windows": rate(r.visible_directions_ok for r in results),
             "colour at the end": rate(r.color_ok for r in results), "no seam jump": rate(r.seams_ok for r in results),
             "median seam ratio": float(np.nanmedian([r.seam_ratio for r in results])),
