@@ -146,3 +146,26 @@ def test_sampler_steps_analytic_mode_needs_no_model(capsys):
     assert errors["unipc"][8] < 0.1 * errors["euler"][8]
     assert steps.main(["--analytic", "--steps", "4", "8", "--samplers", "euler", "heun"]) == 0
     assert "| heun | 0.2884 | 0.0638 |" in capsys.readouterr().out
+
+
+def test_conditioned_shapes_experiment_scores_every_part_in_both_modes(tiny_base, tmp_path, monkeypatch):
+    """experiments/conditioned_shapes.py (figures in docs/conditioning.md) on the tiny run: one training prompt and
+    one held-out one, one seed, a 21-frame extension (one window) and 2 sampling steps; every part is scored
+    in both modes, on as many samples as asked, with rates in [0, 1]."""
+    from minisora.data import shapes
+
+    monkeypatch.setattr(shapes, "heldout_prompts", lambda: [shapes.caption(*shapes.HELDOUT[0])])
+    conditioned = experiment("conditioned_shapes")
+    out = tmp_path / "r.json"
+    argv = ["--ckpt", str(tiny_base), "--seeds", "1", "--train-prompts", "1", "--lengths", "21", "--steps", "2",
+            "--json", str(out)]  # fmt: skip
+    assert conditioned.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["trained_with_conditioning"] is True  # the tiny run trains with the default p_image / p_extend
+    for split, n in (("train", 1), ("held-out", 1)):
+        assert r[f"t2v {split}"]["n"] == n
+        for mode in ("trained", "replace"):
+            i2v, long = r[f"i2v {mode} {split}"], r[f"long 21 {mode} {split}"]
+            assert i2v["n"] == long["n"] == n
+            assert all(0 <= i2v[k] <= 1 for k in ("colour", "direction", "start within 2 px"))
+            assert all(0 <= long[k] <= 1 for k in ("direction every window", "colour at the end", "no seam jump"))

@@ -196,3 +196,29 @@ def test_continuing_a_real_video_fits_it_to_the_sample_size(pipe, shared_videos)
     assert kept.shape == (5, 32, 32, 3)
     video = pipe(RED, video=path, keep_frames=5, seed=0, **FAST)
     assert diff(video[:5], pipe.decode(pipe.encode_frames(kept))[0]) <= 1
+
+
+def test_extend_to_conditions_each_window_on_the_last_frames_so_far(pipe, shapes_clip, monkeypatch):
+    """extend_to=41 from 17 frames: two windows of 12 new frames, cut to 41; window w is conditioned on the last
+    5 frames (2 latent frames) of the video so far, encoded as a clip of their own; each prompt may continue its
+    own clip, and a prompt's video does not depend on the batch (up to rounding)."""
+    seen = []
+    encode = pipe.encode_frames
+    monkeypatch.setattr(pipe, "encode_frames", lambda frames: seen.append(frames.copy()) or encode(frames))
+    other = shapes_clip[::-1].copy()
+    a, b = pipe([RED, BLUE], video=[shapes_clip, other], extend_to=41, seed=3, **FAST)
+    assert a.shape == b.shape == (41, 32, 32, 3)
+    assert np.array_equal(a[:17], shapes_clip) and np.array_equal(b[:17], other)
+    assert len(seen) == 4  # 2 windows x 2 prompts
+    for (first, second), v in zip(((seen[0], seen[2]), (seen[1], seen[3])), (a, b)):
+        assert np.array_equal(first, v[12:17]) and np.array_equal(second, v[24:29])
+    alone = pipe(BLUE, video=other, extend_to=41, seed=4, **FAST)
+    assert diff(alone[:29], b[:29]) <= 1
+    for mode in ("trained", "replace"):
+        assert pipe(RED, video=shapes_clip, extend_to=21, condition=mode, **FAST).shape == (21, 32, 32, 3)
+    with pytest.raises(ValueError, match="give video="):
+        pipe(RED, image=shapes_clip[0], extend_to=41, **FAST)
+    with pytest.raises(ValueError, match="needed as context"):
+        pipe(RED, video=shapes_clip[:3], extend_to=41, **FAST)
+    with pytest.raises(ValueError, match="condition must be one of"):
+        pipe(RED, image=shapes_clip[0], condition="hold", **FAST)

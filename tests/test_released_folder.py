@@ -98,7 +98,8 @@ def test_denoiser_interface_and_per_token_timesteps(models, family):
     torch.testing.assert_close(v_tok, v, rtol=1e-5, atol=1e-5)
     assert (v_ramp - v).abs().max() > 1e-2
     assert (v_guided - v).abs().max() > 1e-2
-    with pytest.raises(ValueError, match=rf"t must be \(B,\) = \(2,\) or per token \(B, tokens\) = \(2, {tokens}\)"):
+    with pytest.raises(ValueError, match=rf"t must be \(B,\) = \(2,\), per latent frame \(B, T\) = \(2, {T}\) or "
+                       rf"per token \(B, tokens\) = \(2, {tokens}\)"):  # fmt: skip
         model.denoiser(x, torch.zeros(2, tokens + 1), context=context)
 
 

@@ -153,3 +153,60 @@ def test_flow_unipc_on_minisora_models():
                            callback=lambda info: seen.append(float(info["t"])))  # fmt: skip
     assert x.shape == (1, 4, 2, 4, 4) and torch.isfinite(x).all()
     assert len(seen) == 4 and 0.99 <= seen[0] <= 1 and all(a > b for a, b in zip(seen, seen[1:]))
+
+
+def test_ti2v_image_to_video_parity(folders):
+    """Wan2.2-TI2V image-to-video through minisora's per-token path (conditioning.clean_known: frame 0 the image's
+    latent at t = 0, pinned at the end) equals WanImageToVideoPipeline(expand_timesteps=True), with Euler and with
+    the folder's UniPC; text-to-video from the same noise is far from it (the image is what moves it)."""
+    import diffusers
+    import numpy as np
+    from PIL import Image
+
+    from minisora.models.released import load_released, sample_released
+
+    F, H, W = rf.CLIPS["wan22"]
+    yy, xx = np.mgrid[0:H, 0:W]
+    image = np.stack([(xx * 4) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)  # (H, W, 3)
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(folders["wan22"], expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    model = load_released(folders["wan22"])
+    args = dict(num_frames=F, height=H, width=W, steps=STEPS, guidance=GUIDANCE, seed=SEED)
+    for sampler in ("euler", "default"):
+        scheduler = model.scheduler  # UniPC; Euler at its flow_shift
+        if sampler == "euler":
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=scheduler.config.flow_shift)
+        pipe.scheduler = scheduler.__class__.from_config(scheduler.config)
+        ref = pipe(image=Image.fromarray(image), prompt=rf.PROMPT, negative_prompt=rf.NEGATIVE, num_frames=F,
+                   height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent").frames  # fmt: skip
+        ours = sample_released(model, [rf.PROMPT], rf.NEGATIVE, sampler=sampler, image=image, **args)
+        error = relative_error(ours, ref)
+        print(f"parity wan22 image-to-video {sampler}: max|diff|/max|ref| = {error:.2e}")  # measured 9e-7, 5e-7
+        assert error <= TOLERANCE and ref.abs().max() > 1
+        t2v = sample_released(model, [rf.PROMPT], rf.NEGATIVE, sampler=sampler, **args)
+        assert relative_error(t2v, ref) > 100 * TOLERANCE
+    with pytest.raises(ValueError, match="Wan2.2-TI2V"):
+        sample_released(load_released(folders["wan21"], vae=False), [rf.PROMPT], image=image,
+                        **{**args, "num_frames": rf.CLIPS["wan21"][0]})  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["wan22", "ltx"])
+def test_per_frame_t_is_the_per_token_t_of_each_frame(family):
+    """A per-latent-frame t (B, T) (what training with conditioning frames gives) equals its per-token expansion, and
+    equal frames equal the (B,) t; a clean frame 0 changes the output."""
+    from minisora.models.released import LTXDenoiser, WanDenoiser
+
+    if family == "ltx":
+        denoiser, C, per_frame_tokens = LTXDenoiser(rf.ltx_parts()["transformer"], 8, 32), 8, 4
+    else:
+        denoiser, C, per_frame_tokens = WanDenoiser(rf.wan_parts(True)["transformer"], expand_timesteps=True), 48, 1
+    x, context = torch.randn(2, C, 3, 2, 2), torch.randn(2, 5, rf.TEXT_DIM)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        same = denoiser(x, t, context)
+        torch.testing.assert_close(denoiser(x, t[:, None].expand(2, 3).clone(), context), same, atol=1e-5, rtol=0)
+        tf = torch.tensor([[0.0, 0.3, 0.3], [0.0, 0.8, 0.8]])
+        per_frame = denoiser(x, tf, context)
+        torch.testing.assert_close(per_frame, denoiser(x, tf.repeat_interleave(per_frame_tokens, 1), context))
+    assert (per_frame - same).abs().max() > 0.01

@@ -142,6 +142,22 @@ def test_prompts_file_and_image_to_video(run, root, tmp_path, written, capsys):
         assert np.abs(written[p][0].astype(int) - kept).max() <= 1
 
 
+def test_extend_to_continues_the_whole_clip_window_after_window(run, root, tmp_path, written, capsys):
+    """--video --extend-to 33: the clip's 17 frames as they are, then 16 new ones (two windows of 12, cut to 33), in
+    either conditioning mode; the modes give different videos."""
+    clip = next((root / "data" / "shapes").rglob("*.mp4"))
+    start = read_clip(clip)
+    videos = {}
+    for mode in ("trained", "replace"):
+        out = tmp_path / mode
+        assert main(["sample", "--ckpt", str(run), "--out", str(out), "--prompt", "a red circle moving left",
+                     "--video", str(clip), "--extend-to", "33", "--condition", mode, *FAST]) == 0  # fmt: skip
+        [path] = printed_paths(capsys)
+        videos[mode] = written[path]
+        assert videos[mode].shape == (33, 32, 32, 3) and np.array_equal(videos[mode][:17], start)
+    assert not np.array_equal(videos["trained"][17:], videos["replace"][17:])
+
+
 def test_export_command_round_trip(run, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--dtype", "fp32"]) == 0
@@ -179,6 +195,11 @@ def test_best_takes_the_runs_lowest_validation_checkpoint(run, tmp_path, capsys)
         (["--prompts-file", "missing.txt"], "--prompts-file missing.txt: file not found"),
         (["--video", "clip.mp4", "--keep-frames", "40"], "leaves nothing to generate"),
         (["--strip", "samples.jpg"], "--strip samples.jpg: the strip is a PNG image"),
+        (["--extend-to", "49"], "--extend-to needs --video"),
+        (["--video", "clip.mp4", "--keep-frames", "5", "--extend-to", "49"], "without --keep-frames"),
+        (["--overlap", "2"], "--overlap needs --extend-to"),
+        (["--video", "clip.mp4", "--extend-to", "9"], "extend_to must be more frames than the video's 9"),
+        (["--video", "clip.mp4", "--extend-to", "33", "--overlap", "5"], "overlap must be 1 to 4 latent frames"),
     ],
 )
 def test_bad_values_are_one_clear_line(run, tmp_path, monkeypatch, capsys, extra, message):

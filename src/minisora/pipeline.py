@@ -4,7 +4,8 @@
     video = pipe("a red circle moving left", num_frames=17, steps=25, guidance=4.0, seed=0)  # uint8 (T, H, W, 3)
     save_video(video, "out.mp4", fps=pipe.fps)
 
-Image-to-video and continuation: see minisora.conditioning.
+Image-to-video and continuation: see minisora.conditioning; videos longer than the training window:
+minisora.extend (extend_to=).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from einops import rearrange
 
 from minisora import diffusion
-from minisora.conditioning import keep_known, load_frames
+from minisora.conditioning import MODES, clean_known, conditioning_frames, keep_known
 from minisora.device import resolve_dtype
 from minisora.io import to_uint8_frames
-from minisora.sizes import kept_frame_count, valid_size
+from minisora.sizes import valid_size
 
 # Output pixels per VAE decode call: one 17x256x256 clip, or 64 shapes clips (17x32x32) at once.
 DECODE_PIXELS = 17 * 256 * 256
@@ -51,8 +52,13 @@ class TextToVideoPipeline:
         fps: float = 8,
         offload: bool = False,
         config: dict[str, Any] | None = None,
+        condition: str = "replace",
     ):
+        if condition not in MODES:
+            raise ValueError(f"condition must be one of {MODES}, got {condition!r}")
         self.model, self.vae, self.text_encoder = model.eval(), vae.eval(), text_encoder
+        # How known frames condition sampling: "trained" (clean, t = 0) for a model trained with p_image / p_extend.
+        self.condition = condition
         self.prediction, self.t_shift = prediction, t_shift
         self.defaults = dict(num_frames=num_frames, height=height, width=width)
         self.fps, self.offload = fps, offload
@@ -110,10 +116,11 @@ class TextToVideoPipeline:
             if text is not None:
                 text.to(device)
         data, train, sample = cfg.get("data", {}), cfg.get("dit_train", {}), cfg.get("sample", {})
+        trained = (train.get("p_image") or 0) + (train.get("p_extend") or 0) > 0  # runs before them lack both keys
         pipe = cls(
             model, vae, text, prediction=train.get("prediction", "v"), t_shift=train.get("t_shift"),
             num_frames=data.get("num_frames", 17), height=data.get("height", 32), width=data.get("width", 32),
-            fps=sample.get("fps", 8), offload=offload, config=cfg,
+            fps=sample.get("fps", 8), offload=offload, config=cfg, condition="trained" if trained else "replace",
         )  # fmt: skip
         pipe.checkpoint, pipe.weights = ckpt.source, ckpt.weights
         return pipe
@@ -224,10 +231,18 @@ class TextToVideoPipeline:
         seed: int | Sequence[int] = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         known: torch.Tensor | None = None,
+        condition: str | None = None,
         batched_cfg: bool = True,
         callback: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
-        """Normalised latents (B, C, t, h, w); `known` (1 or B, C, k, h, w) latents are kept as the first k frames."""
+        """Normalised latents (B, C, t, h, w); `known` (1 or B, C, k, h, w) latents are kept as the first k frames.
+
+        condition: how the known frames condition the rest, "trained" (given clean, t = 0: clean_known) or
+        "replace" (held on their noise path: keep_known); default the pipeline's (from the checkpoint).
+        """
+        condition = self.condition if condition is None else condition
+        if condition not in MODES:
+            raise ValueError(f"condition must be one of {MODES}, got {condition!r}")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if guidance < 1:
@@ -256,7 +271,7 @@ class TextToVideoPipeline:
             if known.shape[1] != shape[0] or known.shape[3:] != noise.shape[3:] or known.shape[2] >= shape[1]:
                 raise ValueError(f"known latents {tuple(known.shape)} do not fit the sample's latents {shape} "
                                  f"(same channels and size, fewer frames)")  # fmt: skip
-            guided = keep_known(guided, known.to(noise), noise)
+            guided = clean_known(guided, known.to(noise)) if condition == "trained" else keep_known(guided, known.to(noise), noise)
         shift = self.t_shift if self.t_shift is not None else diffusion.resolution_shift(self.model.tokens(*shape[1:]))
         ts = diffusion.timesteps(steps, shift, device=self.device)
         x = SAMPLERS[sampler](guided, noise, ts, callback=callback)
@@ -287,25 +302,6 @@ class TextToVideoPipeline:
         return videos
 
     # ---- the call --------------------------------------------------------------------------------
-    def conditioning_frames(
-        self,
-        image: Any = None,
-        video: Any = None,
-        keep_frames: int | None = None,
-        num_frames: int = 17,
-        height: int = 32,
-        width: int = 32,
-    ) -> np.ndarray | None:
-        """The frames to keep, uint8 (K, H, W, 3): one image, or the first K = 1 + kt*m frames of a video."""
-        if image is not None and video is not None:
-            raise ValueError("give image (image-to-video) or video (continuation), not both")
-        if image is None and video is None:
-            if keep_frames is not None:
-                raise ValueError("keep_frames needs a video to keep frames from")
-            return None
-        K = kept_frame_count(self.vae.temporal_compression, image is not None, keep_frames, num_frames)
-        return load_frames(image if image is not None else video, K, height, width)
-
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -318,6 +314,7 @@ class TextToVideoPipeline:
         image: Any = None,
         video: Any = None,
         keep_frames: int | None = None,
+        extend_to: int | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
         **kwargs: Any,
@@ -326,8 +323,10 @@ class TextToVideoPipeline:
 
         Other keywords: steps, guidance, sampler ("euler" | "heun" | "unipc"), generator (one per prompt), batched_cfg,
         labels (class-conditioned models). `image` (a path or uint8 (H, W, 3)) animates an image; `video`
-        (a path or uint8 (T, H, W, 3)) with `keep_frames` continues a clip. `callback(info)` runs after
-        every step with info["i"], ["t"], ["x"], ["denoised"] and ["batch"] (the batch's first prompt index).
+        (a path or uint8 (T, H, W, 3)) with `keep_frames` continues a clip inside one window; with `extend_to` the
+        whole clip (or a list of clips, one per prompt) is continued to extend_to frames, window after window
+        (minisora.extend; `overlap` latent frames of context per window). `condition`: "trained" | "replace" (see
+        sample_latents). `callback(info)` runs after every step with info["i"], ["t"], ["x"], ["denoised"] and ["batch"] (the batch's first prompt index).
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -348,7 +347,16 @@ class TextToVideoPipeline:
                 raise ValueError(
                     f"this model is class-conditioned: prompts must be class indices, got {prompts}"
                 ) from None
-        frames = self.conditioning_frames(image, video, keep_frames, T, H, W)
+        if extend_to is not None:
+            if video is None or image is not None or keep_frames is not None:
+                raise ValueError("extend_to continues a video: give video= (all its frames are kept), not image= "
+                                 "or keep_frames=")  # fmt: skip
+            from minisora.extend import extend_video
+
+            videos = extend_video(self, prompts, video, extend_to, num_frames=T, height=H, width=W, seed=seeds,
+                                  labels=labels, callback=callback, **kwargs)  # fmt: skip
+            return videos[0] if single else videos
+        frames = conditioning_frames(self.vae.temporal_compression, image, video, keep_frames, T, H, W)
         known = self.encode_frames(frames) if frames is not None else None
         bs = len(prompts) if batch_size is None else batch_size
         if bs < 1:

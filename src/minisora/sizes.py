@@ -49,7 +49,7 @@ def kept_frame_count(kt: int, image: bool, keep_frames: int | None, num_frames: 
         rounded = 1 + (K - 1) // kt * kt
         valid = f"1 + {kt}k (1, {1 + kt}, {1 + 2 * kt}, ...)"
         warnings.warn(f"keep_frames={K} rounded down to {rounded}: kept frames must be {valid} for the {kt}x "
-                      f"temporal compression", stacklevel=4)  # fmt: skip
+                      f"temporal compression", stacklevel=5)  # fmt: skip
         K = rounded
     if K >= num_frames:
         raise ValueError(f"keep_frames={K} leaves nothing to generate in {num_frames} frames; ask for more frames")

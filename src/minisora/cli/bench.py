@@ -7,7 +7,7 @@ import sys
 
 BENCHMARKS = {"data": "minisora.bench.data", "train": "minisora.bench.train", "sample": "minisora.bench.sample",
               "vae": "minisora.bench.vae", "budget": "minisora.bench.budget", "cache": "minisora.bench.cache",
-              "all": "minisora.bench.all"}  # fmt: skip
+              "latte": "minisora.bench.latte", "all": "minisora.bench.all"}  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
     minisora sample                                   # after `make train`: default prompts from runs/shapes
     minisora sample --ckpt runs/shapes --prompt "a red circle moving left" --steps 30 --guidance 4 --seed 1 --gif
     minisora sample --image first.png --prompt "a blue square moving up"       # image-to-video
-    minisora sample --video clip.mp4 --keep-frames 5 --prompt "..."             # continue a clip
+    minisora sample --video clip.mp4 --keep-frames 5 --prompt "..."             # continue a clip in one window
+    minisora sample --video clip.mp4 --extend-to 49 --prompt "..."              # continue it window after window
     minisora export --ckpt runs/shapes --out exported/shapes --dtype bf16
     minisora merge-lora --ckpt runs/shapes --lora runs/lora/lora/adapter.safetensors --out exported/merged
 
@@ -76,7 +77,7 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad values with the option's name, before anything slow happens."""
-    for name in ("steps", "batch_size", "frames", "height", "width", "keep_frames"):
+    for name in ("steps", "batch_size", "frames", "height", "width", "keep_frames", "extend_to", "overlap"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -94,6 +95,10 @@ def validate(args: argparse.Namespace) -> None:
         raise SampleError("give --image (image-to-video) or --video (continuation), not both")
     if args.keep_frames is not None and not args.video:
         raise SampleError("--keep-frames needs --video (the clip whose first frames are kept)")
+    if args.extend_to is not None and (not args.video or args.keep_frames is not None):
+        raise SampleError("--extend-to needs --video (all its frames are kept and continued), without --keep-frames")
+    if args.overlap is not None and args.extend_to is None:
+        raise SampleError("--overlap needs --extend-to (the latent frames of context each window gets)")
     for name in ("image", "video"):
         path = getattr(args, name)
         if path and not Path(path).is_file():
@@ -174,7 +179,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     videos = pipe(
         prompts, num_frames=T, height=H, width=W, steps=steps, guidance=guidance, sampler=sampler, seed=args.seed,
         batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
-        batched_cfg=not args.no_cfg_batch, progress=True,
+        batched_cfg=not args.no_cfg_batch, progress=True, condition=args.condition, extend_to=args.extend_to,
+        **({} if args.overlap is None else {"overlap": args.overlap}),
     )  # fmt: skip
     paths = output_paths(out, prompts, overwrite=args.overwrite)  # named now: files written meanwhile count
     written = []
@@ -239,6 +245,13 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="image-to-video: an image to use as the first frame")
     p.add_argument("--video", help="continuation: a clip whose first --keep-frames frames are kept")
     p.add_argument("--keep-frames", type=int, help="frames of --video to keep, 1 + 4k (default: 5)")
+    p.add_argument("--extend-to", type=int, help="with --video: continue the whole clip to this many frames, one "
+                   "training-length window after another")  # fmt: skip
+    p.add_argument("--overlap", type=int, help="with --extend-to: latent frames of context per window "
+                   "(default: minisora.extend.DEFAULT_OVERLAP, 2)")  # fmt: skip
+    p.add_argument("--condition", choices=["trained", "replace"], help="how --image/--video frames condition: "
+                   "given clean as in training (trained), or held on their noise path (replace); default: trained "
+                   "for a run trained with dit_train.p_image/p_extend, else replace")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], help="DiT weights dtype (default: bf16 on GPU, else fp32)"

@@ -1,7 +1,8 @@
 """Released video models (Wan2.1 T2V, Wan2.2 TI2V, LTX-Video) behind minisora's denoiser interface.
 
 A released transformer becomes the callable every minisora sampler and loss takes, `model(x_t, t, **cond) -> v`:
-x_t (B, C, T, H, W) normalised latents, t in [0, 1] as (B,) or per token (B, tokens), cond `context` (B, L, D)
+x_t (B, C, T, H, W) normalised latents, t in [0, 1] as (B,), per latent frame (B, T) or per token (B, tokens),
+cond `context` (B, L, D)
 and `context_mask` (B, L), v = noise - x0. That is diffusers' own convention with sigma = t and
 timestep = 1000 t, so nothing is converted but the layout (checked against diffusers 0.42: DESIGN.md). Each
 adapter keeps its family's quirks inside: Wan's per-token timesteps for TI2V, LTX-Video's token packing,
@@ -22,6 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from minisora import diffusion
+from minisora.conditioning import clean_known, load_frames
 from minisora.models.diffusers_folder import LTX, WAN22, FolderInfo, describe
 from minisora.device import resolve_dtype
 from minisora.models.diffusers_vae import DiffusersVAE, compression, require_diffusers
@@ -40,9 +42,12 @@ def diffusers_timestep(t: torch.Tensor) -> torch.Tensor:
     return (t.double() * 1000).float()
 
 
-def _check_t(t: torch.Tensor, B: int, tokens: int) -> None:
-    if t.shape not in ((B,), (B, tokens)):
-        raise ValueError(f"t must be (B,) = ({B},) or per token (B, tokens) = ({B}, {tokens}), got {tuple(t.shape)}")
+def _check_t(t: torch.Tensor, B: int, tokens: int, frames: int | None = None) -> None:
+    shapes = ((B,), (B, tokens)) if frames is None else ((B,), (B, tokens), (B, frames))
+    if t.shape not in shapes:
+        per_frame = "" if frames is None else f", per latent frame (B, T) = ({B}, {frames})"
+        raise ValueError(f"t must be (B,) = ({B},){per_frame} or per token (B, tokens) = ({B}, {tokens}), "
+                         f"got {tuple(t.shape)}")  # fmt: skip
 
 
 class WanDenoiser(nn.Module):
@@ -50,7 +55,8 @@ class WanDenoiser(nn.Module):
 
     Tokens are the 1x2x2 patches (T * H/2 * W/2). Wan's cross-attention has no mask: the zero-padded
     embeddings are its input, so `context_mask` is accepted (minisora's CFG wrapper passes one) and unused.
-    expand_timesteps (Wan2.2 TI2V): a (B,) t is given to every token, as WanPipeline does.
+    expand_timesteps (Wan2.2 TI2V): a (B,) t is given to every token, as WanPipeline does. A per-latent-frame t
+    (B, T) is given to every token of its frame: t = 0 on frame 0 is Wan2.2-TI2V's image-to-video.
     """
 
     condition = "text"  # what minisora's trainer and pipeline ask of a denoiser: it takes context (+ mask)
@@ -73,8 +79,10 @@ class WanDenoiser(nn.Module):
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, C, T, H, W = x.shape
         tokens = self.tokens(T, H, W)
-        _check_t(t, B, tokens)
-        timestep = diffusers_timestep(t)  # (B,) or (B, tokens)
+        _check_t(t, B, tokens, T if self.patch_size[0] == 1 else None)
+        timestep = diffusers_timestep(t)  # (B,), (B, T) or (B, tokens)
+        if timestep.ndim == 2 and timestep.shape[1] != tokens:  # per latent frame -> per token, frame-major order
+            timestep = timestep.repeat_interleave(tokens // T, dim=1)  # (B, tokens)
         if timestep.ndim == 1 and self.expand_timesteps:
             timestep = timestep[:, None].expand(B, tokens)  # (B, tokens)
         dtype = self.transformer.dtype
@@ -114,7 +122,9 @@ class LTXDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, C, T, H, W = x.shape
-        _check_t(t, B, self.tokens(T, H, W))
+        _check_t(t, B, self.tokens(T, H, W), T)
+        if t.ndim == 2 and t.shape[1] != self.tokens(T, H, W):  # per latent frame -> per token, (t h w) order
+            t = t.repeat_interleave(H * W, dim=1)  # (B, tokens)
         if context_mask is None:
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)  # (B, L)
         dtype = self.transformer.dtype
@@ -231,13 +241,17 @@ SAMPLERS = ("default", "euler")
 @torch.no_grad()
 def sample_released(model: ReleasedModel, prompts: list[str], negative: str | list[str] = "", *, num_frames: int,
                     height: int, width: int, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-                    sampler: str = "default", batched: bool = True, callback: Callable | None = None) -> torch.Tensor:
+                    sampler: str = "default", batched: bool = True, callback: Callable | None = None,
+                    image=None) -> torch.Tensor:  # fmt: skip
     """Normalised latents (B, C, t, h, w) for `prompts`, as the family's diffusers pipeline samples them.
 
     Noise: torch.randn of the latent shape from a CPU generator seeded with `seed` (diffusers' draw). CFG:
     uncond + guidance (cond - uncond) with the `negative` prompt (default ""). sampler "default": the folder's
     scheduler (UniPC for Wan) through diffusion.sample_scheduler; "euler": diffusion.sample_euler on
     euler_sigmas. steps/guidance default to the pipeline's (50; 5.0 for Wan, 3.0 for LTX-Video).
+    image (a path or uint8 (H, W, 3); Wan2.2-TI2V only): image-to-video as WanImageToVideoPipeline(expand_timesteps=
+    True) does it, through minisora's conditioning.clean_known: frame 0 is the image's posterior mean, normalised,
+    given with t = 0 on its tokens, and pinned at the end.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -253,7 +267,14 @@ def sample_released(model: ReleasedModel, prompts: list[str], negative: str | li
     null, null_mask = model.text(negative)
     velocity = diffusion.cfg_model(model.denoiser, guidance, dict(context=context, context_mask=mask),
                                    dict(context=null, context_mask=null_mask), batched=batched)  # fmt: skip
-    return sample_from_noise(model, velocity, noise, steps, sampler, callback)
+    known = None
+    if image is not None:
+        known = _first_frame(model, image, height, width).to(device)  # (1, C, 1, h, w)
+        velocity = clean_known(velocity, known)
+    x = sample_from_noise(model, velocity, noise, steps, sampler, callback)
+    if known is not None:  # frame 0 is the image's latent exactly (the pipeline's last step does the same)
+        x[:, :, :1] = known
+    return x
 
 
 def sample_from_noise(model: ReleasedModel, velocity: Callable, noise: torch.Tensor, steps: int,
@@ -268,3 +289,15 @@ def sample_from_noise(model: ReleasedModel, velocity: Callable, noise: torch.Ten
         return diffusion.sample_euler(velocity, noise, sigmas, callback=callback)
     return diffusion.sample_scheduler(velocity, noise, model.scheduler, steps, callback=callback,
                                       **model.schedule(steps, tokens))  # fmt: skip
+
+
+def _first_frame(model: ReleasedModel, image, height: int, width: int) -> torch.Tensor:
+    """An image as Wan2.2-TI2V's first latent frame (1, C, 1, h, w): fitted, scaled to [-1, 1], posterior mean."""
+    if model.info.family is not WAN22:
+        raise ValueError(f"{model.info.path}: image-to-video through per-token timesteps is Wan2.2-TI2V's; this is "
+                         f"{model.info.family.name}")  # fmt: skip
+    if model.vae is None:
+        raise ValueError("image-to-video needs the autoencoder: load_released(..., vae=True)")
+    frames = load_frames(image, 1, height, width)  # (1, H, W, 3) uint8
+    video = rearrange(torch.from_numpy(frames), "t h w c -> 1 c t h w").float() / 127.5 - 1  # (1, 3, 1, H, W)
+    return model.vae.encode(video.to(next(model.vae.parameters()).device))  # normalised, as the pipeline does

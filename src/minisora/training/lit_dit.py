@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from minisora import diffusion
+from minisora.conditioning import check_conditioning, draw_known_frames, frame_timesteps
 from minisora.models.dit import VideoDiT
 from minisora.training import validation
 from minisora.training.optim import check_optim, configure_optim
@@ -68,6 +69,9 @@ class LitVideoDiT(L.LightningModule):
         max_bad_steps: int = 10,
         freeze: list[str] | None = None,
         text_encoder: torch.nn.Module | None = None,
+        p_image: float = 0.1,  # steps' clips whose first latent frame is given clean (image-to-video)
+        p_extend: float = 0.2,  # ... whose first k latent frames are (continuation; k in extend_frames)
+        extend_frames: list[int] | None = None,  # [lo, hi] for k; default [2, 3]
     ):
         super().__init__()
         if prediction not in ("v", "x0"):
@@ -100,6 +104,10 @@ class LitVideoDiT(L.LightningModule):
         self.compile, self.seed = compile, seed
         validation.t_grid(val_t_points)  # checked now, not at the first validation
         self.val_t_points = val_t_points
+        # Conditioning frames (conditioning.py): trained the way released models condition, so --image and
+        # --extend-to give the model clean frames it has learnt to follow.
+        self.p_image, self.p_extend = p_image, p_extend
+        self.extend_frames = check_conditioning(p_image, p_extend, extend_frames or [2, 3])
         # Steps whose loss or gradient was not finite: skipped (no update); this many in a row stop the run.
         self.max_bad_steps, self.bad_steps, self.bad_in_a_row = max_bad_steps, 0, 0
         # Held outside the module tree (in a tuple) so checkpoints do not store the weights a second time.
@@ -153,7 +161,14 @@ class LitVideoDiT(L.LightningModule):
                                shift=self._shift(x0))[rank::world]  # (B,)
         noise = torch.randn((B * world, *x0.shape[1:]), generator=gen, device=x0.device, dtype=x0.dtype)[rank::world]
         drop = torch.rand(B * world, generator=gen, device=x0.device)[rank::world] < self.caption_dropout
-        losses = diffusion.flow_loss(self.net, x0, t, noise, prediction=self.prediction, **self._cond(batch, drop))  # (B,)
+        t_in, frames = t, None  # the first k latent frames clean (t = 0) and out of the loss (conditioning.py)
+        T = x0.shape[2]
+        k = draw_known_frames(gen, B * world, T, self.p_image, self.p_extend, self.extend_frames,
+                              self.model.patch_size[0])[rank::world]  # (B,)
+        if k.any():
+            t_in, frames = frame_timesteps(t, k, T), frame_timesteps(torch.ones_like(t), k, T) > 0  # (B, T) each
+        losses = diffusion.flow_loss(self.net, x0, t_in, noise, prediction=self.prediction, mask=frames,
+                                     **self._cond(batch, drop))  # (B,)
         return losses, t
 
     def val_losses(self, batch: dict[str, Any]) -> torch.Tensor:
