@@ -135,10 +135,13 @@ class ReleasedPipeline(TextToVideoPipeline):
         seed: int | Sequence[int] = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         known: torch.Tensor | None = None,
+        condition: str | None = None,
         batched_cfg: bool = True,
         callback: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
-        """Normalised latents (B, C, t, h, w); sampler "default" (the folder's scheduler) or "euler"."""
+        """Normalised latents (B, C, t, h, w); sampler "default" (the folder's scheduler) or "euler". `known` and
+        `condition` are TextToVideoPipeline's; known frames are refused here (Wan2.2-TI2V's image-to-video:
+        models.released.sample_released(image=))."""
         from minisora.models.released import SAMPLERS, sample_from_noise
 
         if known is not None:
