@@ -88,8 +88,8 @@ def test_training_step_draws_known_frames_from_the_step_generator():
         lit = LitVideoDiT(model, t_shift=1.0, extend_frames=[2, 3], **kw)
         net = Recorder()
         lit._net = (net,)
-        lit._losses(batch, True, 0)
-        lit._losses(batch, True, 0)
+        lit._losses(batch)
+        lit._losses(batch)
         assert torch.equal(net.seen[0][1], net.seen[1][1])  # same step, same draws
         seen[name] = net.seen[0][1]
     image, extend, plain = seen["image"], seen["extend"], seen["plain"]
@@ -100,8 +100,8 @@ def test_training_step_draws_known_frames_from_the_step_generator():
     # Validation stays text-to-video: its curve compares with runs trained without conditioning.
     lit = LitVideoDiT(model, t_shift=1.0, p_image=1.0, p_extend=0.0)
     lit._net = (net := Recorder(),)
-    lit._losses(batch, False, 0)
-    assert net.seen[0][1].shape == (6,)
+    lit.val_losses({**batch, "index": torch.arange(6)})
+    assert net.seen and all(t.shape == (6,) for _, t in net.seen)
 
 
 def test_clean_known_gives_the_model_clean_frames_at_t_0_and_keeps_them():
