@@ -161,7 +161,7 @@ def test_conditioned_shapes_experiment_scores_every_part_in_both_modes(tiny_base
             "--json", str(out)]  # fmt: skip
     assert conditioned.main(argv) == 0
     r = json.loads(out.read_text())
-    assert r["trained_with_conditioning"] is True  # the tiny run trains with the default p_image / p_extend
+    assert r["trained_with_conditioning"] is True  # the tiny run trains with p_image / p_extend (tiny_run.py)
     for split, n in (("train", 1), ("held-out", 1)):
         assert r[f"t2v {split}"]["n"] == n
         for mode in ("trained", "replace"):
