@@ -101,7 +101,9 @@ def test_forward_flops_match_flop_counter(overrides):
 
 
 def test_train_step_is_three_forwards():
-    model = tiny(layout="factorized").train()
+    # Without recompute (whose extra forward test_recompute_adds_one_forward_of_the_blocks counts); FlopCounterMode's
+    # module tracker also cannot follow RecomputedLinear's autograd.grad inside backward.
+    model = tiny(layout="factorized", recompute=False).train()
     B, _, T, H, W = LATENT
     measured = sum(_count(model, backward=True)["Global"].values())
     analytic = dit_train_step_flops(model, T, H, W, batch=B, context_len=L)
