@@ -388,7 +388,7 @@ def test_recompute_changes_neither_outputs_nor_gradients(layout):
 def test_recomputed_linear_matches_autograd_in_fp32_and_bf16():
     from functools import partial
 
-    from minisora.models.dit import norm_modulate
+    from minisora.models.attention import norm_modulate
     from minisora.models.layers import RecomputedLinear
 
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from minisora.models.dit import SelfAttention, VideoDiT
+from minisora.models.attention import SelfAttention
+from minisora.models.dit import VideoDiT
 from minisora.models.layers import RMSNorm, RoPE3D, apply_rope
 
 BF16_MAX = torch.finfo(torch.bfloat16).max  # ~3.39e38, as float32
