@@ -61,28 +61,35 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     pipe = TextToVideoPipeline.from_pretrained(args.ckpt)
     guidance = args.guidance if args.guidance is not None else pipe.config.get("sample", {}).get("guidance", 4.0)
+    if len(args.reference) not in (2, 3):
+        raise SystemExit(f"--reference takes SAMPLER STEPS [SHIFT], got {' '.join(args.reference)}")
+    run_shift = next((s for s in (pipe.shift, pipe.t_shift) if s is not None), None)
+    if run_shift is None and None in args.shifts:
+        raise SystemExit("the run sets neither sample.shift nor dit_train.t_shift: give --shifts")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
-        for sampler in args.samplers:
-            for steps in args.steps:
-                folder = out / f"{sampler}-{steps}"
-                setting = {"checkpoint": str(pipe.checkpoint), "guidance": guidance, "seeds": args.seeds,
-                           "seed": args.seed}  # fmt: skip
-                saved = json.loads((folder / "row.json").read_text()) if (folder / "row.json").is_file() else {}
-                if saved.get("setting") == setting:
-                    rows.append(saved["row"])
-                else:
-                    t0 = time.time()
-                    m = score_pipeline(pipe, folder, samples_per_prompt=args.seeds, fps=pipe.fps, seed=args.seed,
-                                       steps=steps, guidance=guidance, sampler=sampler)  # fmt: skip
-                    rows.append({"sampler": sampler, "steps": steps, "model_calls": model_calls(sampler, steps),
-                                 **{k: m[k] for k in MEASURES}, "samples": m["samples"],
-                                 "seconds": round(time.time() - t0, 1)})  # fmt: skip
-                    (folder / "row.json").write_text(json.dumps({"setting": setting, "row": rows[-1]}, indent=1))
-                print(format_row(rows[-1]), flush=True)
+        for sampler, steps, shift in [(a, n, s) for s in args.shifts for a in args.samplers for n in args.steps]:
+            shift = run_shift if shift is None else shift
+            folder = out / f"{sampler}-{steps}-shift{shift:g}"
+            setting = {"checkpoint": str(pipe.checkpoint), "guidance": guidance, "seeds": args.seeds,
+                       "seed": args.seed}  # fmt: skip
+            saved = json.loads((folder / "row.json").read_text()) if (folder / "row.json").is_file() else {}
+            if saved.get("setting") == setting:
+                rows.append(saved["row"])
+            else:
+                t0 = time.time()
+                m = score_pipeline(pipe, folder, samples_per_prompt=args.seeds, fps=pipe.fps, seed=args.seed,
+                                   steps=steps, guidance=guidance, sampler=sampler, shift=shift)  # fmt: skip
+                rows.append({"sampler": sampler, "steps": steps, "shift": shift,
+                             "model_calls": model_calls(sampler, steps),
+                             **{k: m[k] for k in MEASURES}, "samples": m["samples"],
+                             "seconds": round(time.time() - t0, 1)})  # fmt: skip
+                (folder / "row.json").write_text(json.dumps({"setting": setting, "row": rows[-1]}, indent=1))
+            print(format_row(rows[-1]), flush=True)
     results = {"checkpoint": str(pipe.checkpoint), "guidance": guidance, "seeds": args.seeds, "rows": rows,
-               "reference": {"sampler": args.reference[0], "steps": int(args.reference[1])},
+               "reference": {"sampler": args.reference[0], "steps": int(args.reference[1]),
+                             "shift": run_shift if len(args.reference) < 3 else float(args.reference[2])},
                "tolerance": args.tolerance}  # fmt: skip
     results["best"] = best_setting(results)
     return results
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def best_setting(r: dict) -> dict | None:
     """The fewest-model-call row within `tolerance` of the reference row on every measure (None: no reference row)."""
-    ref = [x for x in r["rows"] if (x["sampler"], x["steps"]) == (r["reference"]["sampler"], r["reference"]["steps"])]
+    ref = [x for x in r["rows"] if (x["sampler"], x["steps"], x["shift"]) == tuple(r["reference"].values())]
     if not ref:
         return None
     close = [x for x in r["rows"] if all(x[k] >= ref[0][k] - r["tolerance"] for k in MEASURES)]
@@ -98,7 +105,7 @@ def best_setting(r: dict) -> dict | None:
 
 
 def format_row(x: dict) -> str:
-    return (f"| {x['sampler']:<6} | {x['steps']:>5} | {x['model_calls']:>11} | {x['train/color_accuracy']:.2f} | "
+    return (f"| {x['sampler']:<6} | {x['steps']:>5} | {x['shift']:>5g} | {x['model_calls']:>11} | {x['train/color_accuracy']:.2f} | "
             f"{x['train/direction_accuracy']:.2f} | {x['heldout/color_accuracy']:.2f} | "
             f"{x['heldout/direction_accuracy']:.2f} | {x['seconds']:>7.1f} |")  # fmt: skip
 
@@ -111,17 +118,18 @@ def format_results(r: dict) -> str:
                   for name, errors in r["analytic"].items()]  # fmt: skip
         return "\n".join(lines + ["(largest endpoint error over 20000 samples of N(2, 0.5^2); model calls per "
                                    "sample: steps, Heun 2 * steps - 1)"])  # fmt: skip
-    lines = ["| sampler | steps | model calls | train colour | train direction | held-out colour | "
-             "held-out direction | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| sampler | steps | shift | model calls | train colour | train direction | held-out colour | "
+             "held-out direction | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [format_row(x) for x in r["rows"]]
     n = r["rows"][0]["samples"] if r["rows"] else 0
     lines.append(f"({n} samples per row: {r['seeds']} seeds per prompt, guidance {r['guidance']:g}; {r['checkpoint']})")
     ref, best = r["reference"], r["best"]
     if best is None:
-        lines.append(f"no row is within {r['tolerance']} of {ref['steps']} {ref['sampler']} steps on every measure")
+        lines.append(f"no row is within {r['tolerance']} of {ref['steps']} {ref['sampler']} steps (shift {ref['shift']:g}) "
+                     "on every measure")
     else:
         lines.append(f"fewest model calls within {r['tolerance']} of {ref['steps']} {ref['sampler']} steps on every "
-                     f"measure: {best['steps']} {best['sampler']} steps ({best['model_calls']} calls)")  # fmt: skip
+                     f"measure: {best['steps']} {best['sampler']} steps at shift {best['shift']:g} ({best['model_calls']} calls)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -133,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (default 0)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the run's sample.guidance)")
-    p.add_argument("--reference", nargs=2, default=["euler", "25"], metavar=("SAMPLER", "STEPS"))
+    p.add_argument("--shifts", nargs="+", type=float, default=[None],
+                   help="sampling-grid shifts to try (default: the run's sample.shift, else its dit_train.t_shift)")
+    p.add_argument("--reference", nargs="+", default=["euler", "25"], metavar="SAMPLER STEPS [SHIFT]",
+                   help="the row to match (default: 25 Euler steps on the run's grid)")
     p.add_argument("--tolerance", type=float, default=0.02, help="allowed accuracy drop from the reference")
     p.add_argument("--out", help="keep each row's mp4s and scores here; reruns reuse them (default: a temporary folder)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (1 ran 10x faster on a 2-core CPU shared with "

@@ -108,19 +108,21 @@ def test_sampler_steps_experiment_scores_every_sampler_and_step_count(tiny_base,
     monkeypatch.setattr(shapes, "all_combinations", lambda: few)
     steps = experiment("sampler_steps")
     argv = ["--ckpt", str(tiny_base), "--samplers", "euler", "heun", "unipc", "--steps", "1", "2", "--seeds", "1",
-            "--reference", "euler", "2", "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "rows")]
+            "--shifts", "1", "3", "--reference", "euler", "2", "1", "--json", str(tmp_path / "r.json"),
+            "--out", str(tmp_path / "rows")]  # fmt: skip
     assert steps.main(argv) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert [(x["sampler"], x["steps"], x["model_calls"]) for x in r["rows"]] == [
-        ("euler", 1, 1), ("euler", 2, 2), ("heun", 1, 1), ("heun", 2, 3), ("unipc", 1, 1), ("unipc", 2, 2)]
+    calls = [("euler", 1, 1), ("euler", 2, 2), ("heun", 1, 1), ("heun", 2, 3), ("unipc", 1, 1), ("unipc", 2, 2)]
+    assert [(x["sampler"], x["steps"], x["model_calls"], x["shift"]) for x in r["rows"]] == [
+        (*c, 1.0) for c in calls] + [(*c, 3.0) for c in calls]
     n = len(shapes.train_prompts()) + len(shapes.heldout_prompts())
     assert all(x["samples"] == n and all(0 <= x[k] <= 1 for k in steps.MEASURES) for x in r["rows"]), (n, r["rows"])
-    assert (tmp_path / "rows" / "unipc-2" / "eval.json").is_file()
+    assert (tmp_path / "rows" / "unipc-2-shift3" / "eval.json").is_file()
     assert r["best"] is not None and r["best"]["model_calls"] <= 2  # the reference itself qualifies
-    assert "| unipc  |     2 |" in capsys.readouterr().out
-    (tmp_path / "rows" / "euler-1" / "eval.json").unlink()  # a rerun reuses the saved rows, samples nothing
+    assert "| unipc  |     2 |     3 |" in capsys.readouterr().out
+    (tmp_path / "rows" / "euler-1-shift1" / "eval.json").unlink()  # a rerun reuses the saved rows, samples nothing
     assert steps.main(argv) == 0 and json.loads((tmp_path / "r.json").read_text())["rows"] == r["rows"]
-    assert not (tmp_path / "rows" / "euler-1" / "eval.json").exists()
+    assert not (tmp_path / "rows" / "euler-1-shift1" / "eval.json").exists()
 
 
 def test_sampler_steps_verdict_needs_every_measure_within_tolerance():
@@ -128,11 +130,12 @@ def test_sampler_steps_verdict_needs_every_measure_within_tolerance():
     m = steps.MEASURES
 
     def row(sampler, n, *acc):
-        return {"sampler": sampler, "steps": n, "model_calls": steps.model_calls(sampler, n), **dict(zip(m, acc))}
+        return {"sampler": sampler, "steps": n, "shift": 1.0, "model_calls": steps.model_calls(sampler, n),
+                **dict(zip(m, acc))}
 
     rows = [row("euler", 25, 1.0, 0.98, 1.0, 0.95), row("heun", 4, 1.0, 0.99, 1.0, 0.99),
             row("unipc", 4, 1.0, 0.90, 1.0, 0.97), row("unipc", 8, 0.99, 0.97, 0.98, 0.93)]
-    r = {"rows": rows, "reference": {"sampler": "euler", "steps": 25}, "tolerance": 0.02}
+    r = {"rows": rows, "reference": {"sampler": "euler", "steps": 25, "shift": 1.0}, "tolerance": 0.02}
     assert steps.best_setting(r)["sampler"] == "heun"  # 7 calls; unipc 4 misses train direction by 0.08
     r["rows"] = rows[:1] + rows[2:]
     assert (steps.best_setting(r)["sampler"], steps.best_setting(r)["steps"]) == ("unipc", 8)

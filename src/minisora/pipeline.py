@@ -31,6 +31,22 @@ DECODE_PIXELS = 17 * 256 * 256
 SAMPLERS = {"euler": diffusion.sample_euler, "heun": diffusion.sample_heun, "unipc": diffusion.sample_unipc}
 
 
+def check_sampling(steps: int, guidance: float, sampler: str, samplers: Sequence[str]) -> None:
+    """The sampling arguments every pipeline takes: steps an int >= 1, guidance >= 1, a sampler it has."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if guidance < 1:
+        raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
+    if sampler not in samplers:
+        raise ValueError(f"sampler must be one of {', '.join(samplers)}, got {sampler!r}")
+
+
+def _check_shift(shift: float | None) -> float | None:
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
+        raise ValueError(f"shift (the sampling grid's timestep shift) must be a number > 0, got {shift!r}")
+    return None if shift is None else float(shift)
+
+
 class TextToVideoPipeline:
     """Everything needed to sample: the (EMA) DiT, the autoencoder and the text encoder.
 
@@ -46,6 +62,7 @@ class TextToVideoPipeline:
         *,
         prediction: str = "v",
         t_shift: float | None = None,
+        shift: float | None = None,
         num_frames: int = 17,
         height: int = 32,
         width: int = 32,
@@ -60,6 +77,10 @@ class TextToVideoPipeline:
         # How known frames condition sampling: "trained" (clean, t = 0) for a model trained with p_image / p_extend.
         self.condition = condition
         self.prediction, self.t_shift = prediction, t_shift
+        # The sampling grid's shift (the run's sample.shift); None: the training t_shift. A model trained at shift 1
+        # decides a shape's direction in the first, noisiest steps: a shift-3 grid gives those steps more of a short
+        # schedule (8 UniPC steps: direction 0.93 / 0.88 at shift 1, 0.98 / 1.00 at shift 3; docs/benchmarks.md).
+        self.shift = _check_shift(shift)
         self.defaults = dict(num_frames=num_frames, height=height, width=width)
         self.fps, self.offload = fps, offload
         self.config = config or {}  # the run config when loaded from a checkpoint
@@ -118,7 +139,7 @@ class TextToVideoPipeline:
         data, train, sample = cfg.get("data", {}), cfg.get("dit_train", {}), cfg.get("sample", {})
         trained = (train.get("p_image") or 0) + (train.get("p_extend") or 0) > 0  # runs before them lack both keys
         pipe = cls(
-            model, vae, text, prediction=train.get("prediction", "v"), t_shift=train.get("t_shift"),
+            model, vae, text, prediction=train.get("prediction", "v"), t_shift=train.get("t_shift"), shift=sample.get("shift"),
             num_frames=data.get("num_frames", 17), height=data.get("height", 32), width=data.get("width", 32),
             fps=sample.get("fps", 8), offload=offload, config=cfg, condition="trained" if trained else "replace",
         )  # fmt: skip
@@ -228,6 +249,7 @@ class TextToVideoPipeline:
         steps: int = 25,
         guidance: float = 4.0,
         sampler: str = "euler",
+        shift: float | None = None,
         seed: int | Sequence[int] = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         known: torch.Tensor | None = None,
@@ -237,18 +259,16 @@ class TextToVideoPipeline:
     ) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w); `known` (1 or B, C, k, h, w) latents are kept as the first k frames.
 
+        shift: the sampling grid's timestep shift (diffusion.timesteps); default the pipeline's `shift`, else the
+        training t_shift, else the resolution shift of the sample's token count.
+
         condition: how the known frames condition the rest, "trained" (given clean, t = 0: clean_known) or
         "replace" (held on their noise path: keep_known); default the pipeline's (from the checkpoint).
         """
         condition = self.condition if condition is None else condition
         if condition not in MODES:
             raise ValueError(f"condition must be one of {MODES}, got {condition!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if guidance < 1:
-            raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        check_sampling(steps, guidance, sampler, sorted(SAMPLERS))
         B = len(prompts) if prompts is not None else len(labels) if labels is not None else (num or 1)
         generators = None
         if generator is not None:
@@ -272,7 +292,9 @@ class TextToVideoPipeline:
                 raise ValueError(f"known latents {tuple(known.shape)} do not fit the sample's latents {shape} "
                                  f"(same channels and size, fewer frames)")  # fmt: skip
             guided = clean_known(guided, known.to(noise)) if condition == "trained" else keep_known(guided, known.to(noise), noise)
-        shift = self.t_shift if self.t_shift is not None else diffusion.resolution_shift(self.model.tokens(*shape[1:]))
+        shift = next((s for s in (_check_shift(shift), self.shift, self.t_shift) if s is not None), None)
+        if shift is None:
+            shift = diffusion.resolution_shift(self.model.tokens(*shape[1:]))
         ts = diffusion.timesteps(steps, shift, device=self.device)
         x = SAMPLERS[sampler](guided, noise, ts, callback=callback)
         if known is not None:  # exact, not merely within float rounding of the path's end
@@ -321,7 +343,7 @@ class TextToVideoPipeline:
     ) -> np.ndarray | list[np.ndarray]:
         """Generate uint8 (T, H, W, 3) frames for a prompt (a list of them for a list of prompts).
 
-        Other keywords: steps, guidance, sampler ("euler" | "heun" | "unipc"), generator (one per prompt), batched_cfg,
+        Other keywords: steps, guidance, sampler ("euler" | "heun" | "unipc"), shift (the grid's), generator (one per prompt), batched_cfg,
         labels (class-conditioned models). `image` (a path or uint8 (H, W, 3)) animates an image; `video`
         (a path or uint8 (T, H, W, 3)) with `keep_frames` continues a clip inside one window; with `extend_to` the
         whole clip (or a list of clips, one per prompt) is continued to extend_to frames, window after window

@@ -19,7 +19,7 @@ import torch
 
 from minisora import diffusion
 from minisora.device import resolve_dtype
-from minisora.pipeline import TextToVideoPipeline
+from minisora.pipeline import TextToVideoPipeline, check_sampling
 
 # diffusers pipelines' default size (WanPipeline / LTXPipeline) and the model's frame rate, when a bare folder
 # gives none
@@ -132,6 +132,7 @@ class ReleasedPipeline(TextToVideoPipeline):
         steps: int = 25,
         guidance: float = 4.0,
         sampler: str = "euler",
+        shift: float | None = None,
         seed: int | Sequence[int] = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         known: torch.Tensor | None = None,
@@ -144,15 +145,13 @@ class ReleasedPipeline(TextToVideoPipeline):
         models.released.sample_released(image=))."""
         from minisora.models.released import SAMPLERS, sample_from_noise
 
+        if shift is not None:
+            raise ValueError("shift: a released model samples on its folder's scheduler grid (scheduler/"
+                             "scheduler_config.json sets flow_shift / shift); leave shift unset")  # fmt: skip
         if known is not None:
             raise ValueError("keeping known frames (image-to-video, continuation) is not supported for released "
                              "models yet")  # fmt: skip
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} for a released model, got {sampler!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if guidance < 1:
-            raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
+        check_sampling(steps, guidance, sampler, list(SAMPLERS))  # a released model: its folder's scheduler or euler
         prompts = list(prompts or [])
         B = len(prompts)
         seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)

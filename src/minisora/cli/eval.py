@@ -54,6 +54,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
     add_renamed_flag(p, "--cfg", "--guidance")
     p.add_argument("--sampler", choices=["euler", "heun", "unipc"], help="ODE sampler (default: the run's sample.sampler)")
+    p.add_argument("--shift", type=float, help="timestep shift of the sampling grid (default: the run's sample.shift, "
+                   "else its dit_train.t_shift)")
     p.add_argument("--batch-size", type=int, default=8, help="videos sampled and scored at once (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loader processes reading clips (default 2)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -317,7 +319,8 @@ def _sampling(pipe, args: argparse.Namespace) -> dict:
     T, H, W = pipe.valid_size(T, pipe.defaults["height"], pipe.defaults["width"])
     return {"steps": args.steps or sample_cfg.get("steps", 25),
             "guidance": args.guidance if args.guidance is not None else sample_cfg.get("guidance", 4.0),
-            "sampler": args.sampler or sample_cfg.get("sampler", "euler"), "sampled_size": [T, H, W]}  # fmt: skip
+            "sampler": args.sampler or sample_cfg.get("sampler", "euler"), "sampled_size": [T, H, W],
+            "shift": args.shift}  # fmt: skip  (None: the run's grid)
 
 
 def _prompts(pipe, order: list, n: int) -> tuple[list[str], list[str]]:
@@ -343,7 +346,7 @@ def _sampled(pipe, prompts: list[str], captions: list[str], args: argparse.Names
     T, H, W = s["sampled_size"]
     for i in range(0, len(prompts), args.batch_size):
         videos = pipe(prompts[i : i + args.batch_size], num_frames=T, height=H, width=W, steps=s["steps"],
-                      guidance=s["guidance"], sampler=s["sampler"], seed=args.seed + i)  # fmt: skip
+                      guidance=s["guidance"], sampler=s["sampler"], shift=s["shift"], seed=args.seed + i)  # fmt: skip
         yield videos, captions[i : i + args.batch_size]
 
 

@@ -180,7 +180,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         prompts, num_frames=T, height=H, width=W, steps=steps, guidance=guidance, sampler=sampler, seed=args.seed,
         batch_size=args.batch_size, image=args.image, video=args.video, keep_frames=args.keep_frames,
         batched_cfg=not args.no_cfg_batch, progress=True, condition=args.condition, extend_to=args.extend_to,
-        **({} if args.overlap is None else {"overlap": args.overlap}),
+        **({} if args.overlap is None else {"overlap": args.overlap}), **({} if args.shift is None else {"shift": args.shift}),
     )  # fmt: skip
     paths = output_paths(out, prompts, overwrite=args.overwrite)  # named now: files written meanwhile count
     written = []
@@ -236,6 +236,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["euler", "heun", "unipc", "default"],
                    help="ODE sampler (default: the run's sample.sampler); released models: euler or default (their "
                    "folder's scheduler)")  # fmt: skip
+    p.add_argument("--shift", type=float, help="timestep shift of the sampling grid, > 1 spends more steps near noise "
+                   "(default: the run's sample.shift, else its dit_train.t_shift)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, help="videos sampled at once (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")

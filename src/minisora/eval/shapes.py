@@ -277,6 +277,7 @@ class ShapesEval(L.Callback):
         steps: int = 25,
         guidance: float = 4.0,
         sampler: str = "euler",
+        shift: float | None = None,  # the sampling grid's timestep shift; None: the training t_shift
         seed: int = 0,
         fps: float = 8,
     ):
@@ -284,7 +285,7 @@ class ShapesEval(L.Callback):
             raise ValueError(f"shapes_eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
         self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
         self.every_n_steps, self.samples_per_prompt = every_n_steps, samples_per_prompt
-        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler)
+        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler, shift=shift)
         self.seed, self.fps = seed, fps
         self.metrics: dict | None = None
         self.summary: str | None = None  # one line for the end of the run

@@ -77,6 +77,7 @@ class PreviewSamples(L.Callback):
         steps: int = 25,
         guidance: float = 4.0,
         sampler: str = "euler",
+        shift: float | None = None,  # the sampling grid's timestep shift; None: the training t_shift
         seed: int = 0,
         fps: float = 8,
         clip_model: str | None = None,
@@ -85,7 +86,7 @@ class PreviewSamples(L.Callback):
     ):
         self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
         self.every_n_steps, self.prompts = every_n_steps, list(prompts or [])
-        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler)
+        self.kw = dict(steps=steps, guidance=guidance, sampler=sampler, shift=shift)
         self.seed, self.fps = seed, fps
         if clip_model is not None and (not prompts or clip_pretrained is None):
             raise ValueError(f"sample.clip_model={clip_model!r} needs sample.prompts (their videos are scored) and "

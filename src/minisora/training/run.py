@@ -317,7 +317,7 @@ def train_dit(cfg: DictConfig, vae) -> Path:
     if cfg.get("shapes_eval") is not None:  # the demo's score (configs/shapes.yaml), sampled as `sample` says
         from minisora.eval.shapes import ShapesEval
 
-        sampling = {k: cfg.sample[k] for k in ("steps", "guidance", "sampler", "seed", "fps")}
+        sampling = {k: cfg.sample[k] for k in ("steps", "guidance", "sampler", "shift", "seed", "fps")}
         callbacks.append(ShapesEval(vae=vae, text_encoder=text, folder=folder / "samples", **sampling,
                                     **kwargs(cfg.shapes_eval)))  # fmt: skip
     if resume or cfg.get("init_from"):
