@@ -7,10 +7,12 @@ import torch
 from minisora.data.shapes import COLORS, HELDOUT, all_combinations, caption, make_shapes, render_clip
 from minisora.eval.shapes import (
     ShapesReport,
+    centroids,
     classify_color,
     evaluate,
     evaluate_clip,
     evaluate_manifest,
+    unwrap_track,
 )
 from minisora.io import read_clip, write_video
 
@@ -134,3 +136,38 @@ def test_evaluate_manifest_on_generated_data(tmp_path):
     bad.write_text("file,text\nx.mp4,a red circle moving left\n")
     with pytest.raises(ValueError, match="bad.csv"):
         evaluate_manifest(bad)
+
+
+def test_wrapped_clip_crossing_the_left_edge_scores_left(tmp_path):
+    clip = render_clip("green", "triangle", "left", wrap=True, rng=np.random.default_rng(2))
+    fg = clip.max(-1) > 0  # (T, H, W)
+    first_edge = int(np.argmax(fg[:, :, 0].any(axis=1)))  # the first frame touching the left edge
+    assert not fg[0, :, -1].any() and fg[first_edge:, :, -1].any() and fg[-1, :, -1].any()  # re-enters on the right
+    prompt = caption("green", "triangle", "left")
+    for frames in (clip, read_clip(write_video(clip, tmp_path / "wrapped.mp4"))):  # also through H.264
+        r = evaluate_clip(frames, prompt, wrap=True)
+        assert r.correct and r.displacement[0] == pytest.approx(-0.42 * 32 * 15 / 16, abs=1.0)
+        assert not evaluate_clip(frames, prompt).direction_ok  # the linear centroid jumps to the right edge
+
+
+def test_wrapped_clips_of_every_combination_score_perfectly_on_the_torus():
+    clips = [render_clip(*c, wrap=True, rng=np.random.default_rng(i)) for i, c in enumerate(all_combinations())]
+    fg = np.stack(clips).max(-1) > 0  # (N, T, H, W)
+    crossing = (fg[..., :, 0].any(-1) & fg[..., :, -1].any(-1)) | (fg[..., 0, :].any(-1) & fg[..., -1, :].any(-1))
+    assert crossing.any(axis=1).mean() > 0.5  # most of them cross an edge within 17 frames
+    assert evaluate(clips, PROMPTS, wrap=True).accuracy == 1.0
+    assert evaluate(clips, PROMPTS).direction_accuracy < 0.7  # the linear scorer is fooled by the crossings
+    assert evaluate([c[::-1] for c in clips], PROMPTS, wrap=True).direction_accuracy == 0.0
+
+
+def test_wrap_scoring_leaves_ordinary_clips_verdicts_unchanged(truth, decoded):
+    """On clips that never wrap, circular centroids and steps modulo the frame agree with the linear computation."""
+    wrong = PROMPTS[1:] + PROMPTS[:1]  # reversed clips and other prompts: verdicts that fail must fail alike
+    for clips, prompts in ((truth, PROMPTS), (decoded, PROMPTS), ([c[::-1] for c in decoded], wrong)):
+        for clip, prompt in zip(clips, prompts):
+            linear, torus = evaluate_clip(clip, prompt), evaluate_clip(clip, prompt, wrap=True)
+            assert (torus.pred_color, torus.pred_direction) == (linear.pred_color, linear.pred_direction)
+            assert np.allclose(torus.displacement, linear.displacement, atol=0.05)
+            c = centroids(clip)
+            assert np.allclose(centroids(clip, wrap=True), c, atol=0.1)  # the triangle's circular mean moves a little
+            assert np.allclose(unwrap_track(c, 32, 32), c, atol=1e-9)  # no step reaches half the frame

@@ -23,7 +23,7 @@ from minisora.data.shapes import (
     train_combinations,
     train_prompts,
 )
-from minisora.eval.shapes import centroids
+from minisora.eval.shapes import centroids, unwrap_track
 from minisora.io import read_clip
 
 
@@ -183,3 +183,62 @@ def test_make_shapes_is_deterministic_and_skips_when_up_to_date(shapes_dir, tmp_
         color, shape, direction, size=31, width=33, num_frames=5, rng=np.random.default_rng([0, 1, 0])
     )
     assert np.array_equal(read_clip(tmp_path / "odd" / "clips" / "00000.mp4"), rendered)
+
+
+def _straddles(frames: np.ndarray) -> np.ndarray:
+    """Per frame: the shape covers both the left and right columns, or both the top and bottom rows."""
+    fg = frames.max(-1) > 0  # (T, H, W)
+    return (fg[:, :, 0].any(1) & fg[:, :, -1].any(1)) | (fg[:, 0, :].any(1) & fg[:, -1, :].any(1))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_render_clip_wraps_around_the_frame(direction):
+    T, v = 49, 1.0  # 48 px: 1.5 times round a 32 px frame, far more than fits without wrapping
+    for shape in SHAPES:
+        clip = render_clip("yellow", shape, direction, num_frames=T, speed=v, wrap=True, rng=np.random.default_rng(3))
+        assert clip.shape == (T, 32, 32, 3) and clip[..., 2].max() == 0 and clip[..., 0].max() == 255
+        assert _straddles(clip).sum() > 5  # it crosses an edge, drawn on both sides while it does
+        # Drawn whole in every frame, also while split over two edges: the area does not change.
+        area = clip[..., 0].astype(float).sum(axis=(1, 2)) / 255
+        assert area.min() > 40 and area.max() / area.min() < 1.03, (shape, area)
+        # Equal steps the short way round, along the captioned direction only, across the edges too.
+        c = unwrap_track(centroids(clip, threshold=0, wrap=True), 32, 32)
+        dx, dy = DIRECTION_VECTORS[direction]
+        assert np.allclose(np.diff(c, axis=0) @ np.array([dx, dy]), v, atol=0.05), (shape, c)
+        assert np.abs(np.diff(c, axis=0) @ np.array([dy, dx])).max() < 0.05
+
+
+def test_render_clip_wrap_starts_anywhere_and_checks_its_geometry():
+    # Without wrap the centre stays >= s/2 + MARGIN (6.4 px) from every edge; with it, anywhere in the frame.
+    firsts = [render_clip("white", "square", "right", num_frames=1, wrap=True, rng=np.random.default_rng(i))
+              for i in range(60)]  # fmt: skip
+    starts = np.array([centroids(f, wrap=True)[0] for f in firsts])  # (60, 2)
+    near_edge = np.minimum(starts, 32 - starts).min(axis=1) < 4
+    assert near_edge.sum() >= 10 and starts.min() < 3 and starts.max() > 29
+    assert _straddles(firsts[int(np.argmax(near_edge))]).any()
+    with pytest.raises(ValueError, match="speed < 16"):  # a step of half the frame has no direction
+        render_clip("red", "circle", "left", speed=16, wrap=True)
+    with pytest.raises(ValueError, match="object_size"):  # would touch its own copy round the torus
+        render_clip("red", "circle", "left", object_size=31, wrap=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        render_clip("red", "circle", "left", num_frames=97, speed=0.84)
+    assert render_clip("red", "circle", "left", num_frames=97, speed=0.84, wrap=True).shape == (97, 32, 32, 3)
+
+
+def test_make_shapes_wrap_is_recorded_and_regenerates(tmp_path):
+    out = tmp_path / "w"
+    make_shapes(out, num=3, seed=2)
+    plain = [read_clip(out / f"clips/{i:05d}.mp4") for i in range(3)]
+    assert "wrap" not in json.loads((out / "shapes.json").read_text())  # data made before the option stays valid
+    make_shapes(out, num=3, seed=2, wrap=True)
+    assert json.loads((out / "shapes.json").read_text())["wrap"] is True
+    for i, (color, shape, direction) in enumerate(_combination_order(3, 2)):
+        wrapped = render_clip(color, shape, direction, rng=np.random.default_rng([2, 1, i]), wrap=True)
+        assert np.array_equal(read_clip(out / f"clips/{i:05d}.mp4"), wrapped)
+        assert not np.array_equal(wrapped, plain[i])
+    stamp = (out / "clips" / "00000.mp4").stat().st_mtime_ns
+    make_shapes(out, num=3, seed=2, wrap=True)  # same options: kept
+    assert (out / "clips" / "00000.mp4").stat().st_mtime_ns == stamp
+    make_shapes(out, num=3, seed=2)  # switched back: regenerated, exactly the plain clips again
+    assert "wrap" not in json.loads((out / "shapes.json").read_text())
+    assert all(np.array_equal(read_clip(out / f"clips/{i:05d}.mp4"), plain[i]) for i in range(3))

@@ -126,7 +126,7 @@ def schema() -> type:
     # Options of the synthetic dataset written next to data.path; null for real data.
     fields.append(("shapes", _section_schema(make_shapes, ("out", "force")) | None, field(default=None)))
     # The shapes demo's score during and after training (sampling settings from `sample`); null for other data.
-    skip = ("vae", "text_encoder", "folder", "steps", "guidance", "sampler", "shift", "seed", "fps")
+    skip = ("vae", "text_encoder", "folder", "steps", "guidance", "sampler", "shift", "seed", "fps", "wrap")
     fields.append(("shapes_eval", _section_schema(ShapesEval, skip) | None, field(default=None)))
     # LoRA fine-tuning of the DiT (configs/finetune/lora.yaml); null trains every weight.
     fields.append(("lora", _section_schema(lora_settings) | None, field(default=None)))

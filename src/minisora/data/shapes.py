@@ -3,6 +3,8 @@
 Every clip shows ONE filled shape moving in a straight line for the whole clip, captioned
 "a {color} {shape} moving {direction}". Eight fixed combinations (HELDOUT) never appear in the
 train split, so a model can be tested on prompts it has never seen whose parts it has seen.
+With `wrap` the frame is a torus, an endless scrolling world: a shape leaving one edge re-enters at the
+opposite one, so a video can go on moving far longer than a clip without the shape leaving the frame.
 """
 
 from __future__ import annotations
@@ -107,10 +109,15 @@ def _default_geometry(height: int, width: int, num_frames: int) -> tuple[float, 
     return OBJECT_FRACTION * side, TRAVEL_FRACTION * side / max(num_frames - 1, 1)
 
 
+def torus_offset(d: np.ndarray | float, extent: float) -> np.ndarray | float:
+    """An offset taken modulo a wrapping frame's extent into [-extent/2, extent/2): the shortest way round."""
+    return (d + extent / 2) % extent - extent / 2
+
+
 def _geometry(
-    H: int, W: int, T: int, object_size: float | None, speed: float | None, direction: str
+    H: int, W: int, T: int, object_size: float | None, speed: float | None, direction: str, wrap: bool = False
 ) -> tuple[float, float]:
-    """Object size (px) and speed (px/frame), checked to fit the frame for the whole clip."""
+    """Object size (px) and speed (px/frame), checked to fit the frame for the whole clip (wrap: any travel)."""
     if H < 4 or W < 4 or T < 1:
         raise ValueError(f"shapes need height/width >= 4 and num_frames >= 1, got {H}x{W}x{T}")
     default_s, default_v = _default_geometry(H, W, T)
@@ -119,6 +126,15 @@ def _geometry(
     if s <= 0 or v < 0:
         raise ValueError(f"object_size must be > 0 and speed >= 0, got {s} and {v}")
     along, across = (W, H) if direction in ("left", "right") else (H, W)
+    if wrap:
+        # The shape must not meet its own copy round the torus, and a step must stay under half the frame,
+        # or the shortest way round (what the evaluator measures) would point backwards.
+        if s + 2 * MARGIN > min(H, W) or v >= along / 2:
+            raise ValueError(
+                f"a wrapping {s:.1f} px shape at {v:.2f} px/frame {direction} needs object_size + {2 * MARGIN:g} "
+                f"<= {min(H, W)} px and speed < {along / 2:g} px/frame in a {H}x{W} frame; lower object_size or speed"
+            )
+        return s, v
     if s + 2 * MARGIN + v * (T - 1) > along or s + 2 * MARGIN > across:
         raise ValueError(
             f"a {s:.1f} px shape moving {v * (T - 1):.1f} px {direction} does not fit a {H}x{W} frame "
@@ -160,19 +176,31 @@ def render_clip(
     object_size: float | None = None,
     speed: float | None = None,
     rng: np.random.Generator | None = None,
+    wrap: bool = False,
 ) -> np.ndarray:
     """Render one clip as uint8 (T, H, W, 3); `size` is the height, `width` defaults to `size`.
 
     object_size is the shape's bounding box side in px and speed is px/frame; None scales the
     defaults with the frame (see OBJECT_FRACTION, TRAVEL_FRACTION). The start is random (rng)
-    among positions that keep the whole shape inside the frame for the whole clip.
+    among positions that keep the whole shape inside the frame for the whole clip; with `wrap`,
+    anywhere in the frame, and the shape is drawn modulo the frame (on both sides while it crosses an edge).
     """
     _check(color, shape, direction)
     H, W, T = size, width or size, num_frames
-    s, v = _geometry(H, W, T, object_size, speed, direction)
+    s, v = _geometry(H, W, T, object_size, speed, direction, wrap)
     rng = rng if rng is not None else np.random.default_rng()
 
     dx, dy = DIRECTION_VECTORS[direction]
+    xs = np.arange(W, dtype=np.float32) + 0.5  # pixel centres
+    ys = np.arange(H, dtype=np.float32) + 0.5
+    if wrap:
+        cx = rng.uniform(0, W) + dx * v * np.arange(T)  # (T,), unbounded: the offsets below wrap
+        cy = rng.uniform(0, H) + dy * v * np.arange(T)
+        # Each pixel's offset from the centre the short way round the torus: the shape is smaller than the
+        # frame (_geometry), so this draws it once, split over the edges while it crosses them.
+        rel_x = torus_offset(xs[None, None, :] - cx[:, None, None].astype(np.float32), W)  # (T, 1, W)
+        rel_y = torus_offset(ys[None, :, None] - cy[:, None, None].astype(np.float32), H)  # (T, H, 1)
+        return _paint(shape, color, rel_x, rel_y, s)
     travel = v * (T - 1)
     along, across = (W, H) if dx else (H, W)
     slack_along = along - s - 2 * MARGIN - travel
@@ -188,10 +216,13 @@ def render_clip(
         cy = start_along + travel * (0 if dy > 0 else 1) + dy * v * np.arange(T)
         cx = np.full(T, start_across)
 
-    xs = np.arange(W, dtype=np.float32) + 0.5  # pixel centres
-    ys = np.arange(H, dtype=np.float32) + 0.5
     rel_x = xs[None, None, :] - cx[:, None, None].astype(np.float32)  # (T, 1, W)
     rel_y = ys[None, :, None] - cy[:, None, None].astype(np.float32)  # (T, H, 1)
+    return _paint(shape, color, rel_x, rel_y, s)
+
+
+def _paint(shape: str, color: str, rel_x: np.ndarray, rel_y: np.ndarray, s: float) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of the shape's coverage in its colour, from pixel offsets to its centre."""
     coverage = _coverage(shape, rel_x, rel_y, s)  # (T, H, W)
     rgb = np.asarray(COLORS[color], dtype=np.float32)
     return np.rint(coverage[..., None] * rgb).astype(np.uint8)  # (T, H, W, 3)
@@ -277,6 +308,7 @@ def make_shapes(
     speed: float | None = None,
     colors: list[str] | None = None,
     variants: list[str] | None = None,
+    wrap: bool = False,
     force: bool = False,
 ) -> Path:
     """Write `num` train clips to out/clips/, out/manifest.csv, out/heldout.csv and out/shapes.json.
@@ -285,13 +317,14 @@ def make_shapes(
     options (unless `force`). Deterministic for a seed; clip i depends only on (seed, i). `colors`
     limits the clips to those colours (a colour held out of a base model, or the only one of a fine-tune).
     `variants` ("17x32x32", "9x24x40": frames x height x width) splits the clips evenly over those sizes,
-    each in out/<variant>/, with one manifest for all (data for bucketed training).
+    each in out/<variant>/, with one manifest for all (data for bucketed training). `wrap` makes the frame a
+    torus (render_clip): shapes start anywhere and re-enter at the opposite edge, for videos longer than a clip.
     """
     if num < 1:
         raise ValueError(f"make_shapes: num must be >= 1, got {num}")
     if variants:
         return _make_variants(Path(out), num, seed, fps, variants, object_size=object_size, speed=speed,
-                              colors=colors, force=force)  # fmt: skip
+                              colors=colors, wrap=wrap, force=force)  # fmt: skip
     for color in colors or []:
         if color not in COLORS:
             raise ValueError(f"make_shapes: unknown colour {color!r} in colors; expected some of {', '.join(COLORS)}")
@@ -299,11 +332,13 @@ def make_shapes(
     options = _options(num, seed, size, width, num_frames, fps, object_size, speed)
     if colors:  # recorded only when set, so data made before this option existed stays up to date
         options["colors"] = sorted(colors)
+    if wrap:  # likewise: recorded when set, so switching it either way regenerates the data
+        options["wrap"] = True
     if not force and _up_to_date(out, options):
         return out / "manifest.csv"
     H, W = size, width or size
     for direction in ("right", "down"):  # fail before touching any file on disk
-        _geometry(H, W, num_frames, object_size, speed, direction)
+        _geometry(H, W, num_frames, object_size, speed, direction, wrap)
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     (out / "shapes.json").unlink(missing_ok=True)  # written last: its presence marks complete data
@@ -316,7 +351,7 @@ def make_shapes(
     for i, (color, shape, direction) in enumerate(_combination_order(num, seed, colors)):
         frames = render_clip(
             color, shape, direction, size=size, width=width, num_frames=num_frames,
-            object_size=object_size, speed=speed, rng=np.random.default_rng([seed, 1, i]),
+            object_size=object_size, speed=speed, rng=np.random.default_rng([seed, 1, i]), wrap=wrap,
         )  # fmt: skip
         name = f"clips/{i:0{digits}d}.mp4"
         # Lossless: yuv420p cost these saturated 32x32 clips 29-31 dB, a ceiling the VAE could never pass.

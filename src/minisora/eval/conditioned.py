@@ -7,6 +7,9 @@ conditioning adds:
 - long videos (minisora.extend): every generated window must move in the prompt's direction, the colour must
   hold to the end, and no seam between windows may jump: the largest centroid step at a seam is compared
   with the clip's median frame-to-frame step (SEAM_RATIO).
+Every score takes `wrap` for clips of a wrapping world (make_shapes(wrap=True)): positions are compared and
+steps taken the short way round the frame, so a shape re-entering at the opposite edge is neither a jump nor
+a reversal.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minisora.data.shapes import parse_caption
+from minisora.data.shapes import parse_caption, torus_offset
 from minisora.eval.shapes import (FOREGROUND_THRESHOLD, MIN_AREA, MIN_TRAVEL, MIN_TRAVEL_PX, centroids,  # fmt: skip
-                                  classify_color, classify_direction)
+                                  classify_color, classify_direction, unwrap_track)
 from minisora.io import to_uint8_frames
 
 START_TOLERANCE = 2.0  # px: the start position counts as kept within this distance
@@ -25,11 +28,15 @@ SEAM_RATIO = 3.0  # a seam step above this many median frame-to-frame steps is a
 CLIP_FRAMES = 17  # the clip length the shapes evaluator's minimum travel is set for
 
 
-def start_offset(clip: np.ndarray, image: np.ndarray) -> float:
-    """Distance (px) between the foreground centroids of the clip's first frame and of the image; inf if either is empty."""
-    a = centroids(to_uint8_frames(clip)[:1])[0]
-    b = centroids(np.asarray(image)[None])[0]
-    d = float(np.hypot(*(a - b)))
+def start_offset(clip: np.ndarray, image: np.ndarray, wrap: bool = False) -> float:
+    """Distance (px) between the foreground centroids of the clip's first frame and of the image; inf if either is
+    empty. wrap: the frame is a torus, and the distance goes the short way round.
+    """
+    first = to_uint8_frames(clip)[:1]
+    a = centroids(first, wrap=wrap)[0]
+    b = centroids(np.asarray(image)[None], wrap=wrap)[0]
+    H, W = first.shape[1:3]
+    d = float(np.hypot(*torus_offset(a - b, np.array([W, H])))) if wrap else float(np.hypot(*(a - b)))
     return d if np.isfinite(d) else float("inf")
 
 
@@ -44,12 +51,12 @@ class ImageToVideoResult:
         return self.start_px <= START_TOLERANCE
 
 
-def evaluate_image_to_video(clip: np.ndarray, image: np.ndarray, prompt: str) -> ImageToVideoResult:
+def evaluate_image_to_video(clip: np.ndarray, image: np.ndarray, prompt: str, wrap: bool = False) -> ImageToVideoResult:
     """Colour and direction as the shapes evaluator scores them, and where the clip starts relative to the image."""
     color, _, direction = parse_caption(prompt)
     frames = to_uint8_frames(clip)
-    return ImageToVideoResult(classify_color(frames) == color, classify_direction(frames)[0] == direction,
-                              start_offset(frames, image))  # fmt: skip
+    return ImageToVideoResult(classify_color(frames) == color, classify_direction(frames, wrap=wrap)[0] == direction,
+                              start_offset(frames, image, wrap))  # fmt: skip
 
 
 def window_bounds(start: int, length: int, new_per_window: int) -> list[tuple[int, int]]:
@@ -61,7 +68,7 @@ def seam_steps(c: np.ndarray, seams: list[int]) -> tuple[float, float]:
     """(largest centroid step across a seam, median step between consecutive frames) from centroids c (T, 2).
 
     The step into frame s is |c[s] - c[s - 1]|; seams whose frames are empty (NaN) are skipped; NaN when nothing
-    is left to compare.
+    is left to compare. For a wrapping world pass the unwrapped track (unwrap_track): its steps go the short way round.
     """
     steps = np.hypot(*np.diff(c, axis=0).T)  # (T - 1,): step into frame i + 1
     at_seams = [steps[s - 1] for s in seams if 0 < s < len(c) and np.isfinite(steps[s - 1])]
@@ -104,21 +111,26 @@ class LongVideoResult:
         return not self.seam_ratio > SEAM_RATIO
 
 
-def evaluate_long_video(clip: np.ndarray, prompt: str, start: int, new_per_window: int) -> LongVideoResult:
+def evaluate_long_video(
+    clip: np.ndarray, prompt: str, start: int, new_per_window: int, wrap: bool = False
+) -> LongVideoResult:
     """Score a video whose first `start` frames were given and whose windows add new_per_window frames each.
 
     Each window's direction is classified over its frames and the one before it (the motion into the window
     counts), with the shapes evaluator's minimum travel scaled to the window's length (it is set for a
     17-frame clip: a shorter window at the same speed travels less); the colour over the last window.
+    wrap: the video shows a wrapping world; directions and seam steps are measured the short way round.
     """
     color, _, direction = parse_caption(prompt)
     frames = to_uint8_frames(clip)
-    c = centroids(frames)  # (T, 2)
+    c = centroids(frames, wrap=wrap)  # (T, 2)
+    if wrap:
+        c = unwrap_track(c, *frames.shape[1:3])  # steps modulo the frame: a re-entry is not a jump
     bounds = window_bounds(start, len(frames), new_per_window)
     dirs, visible = [], []
     for a, b in bounds:
         travel = MIN_TRAVEL * min(frames.shape[1:3]) * (b - a) / (CLIP_FRAMES - 1)
-        dirs.append(classify_direction(frames[a - 1 : b], min_displacement=max(MIN_TRAVEL_PX, travel))[0])
+        dirs.append(classify_direction(frames[a - 1 : b], min_displacement=max(MIN_TRAVEL_PX, travel), wrap=wrap)[0])
         area = (frames[a:b].max(-1) > FOREGROUND_THRESHOLD).mean(axis=(1, 2))  # (b - a,)
         visible.append(bool((area >= MIN_AREA).mean() > 0.5))
     a, b = bounds[-1]

@@ -3,6 +3,9 @@
 Colour: a brightness-weighted vote of the foreground pixels for their nearest palette colour.
 Direction: the displacement of the foreground centroid between the first and the last frames.
 Ground-truth clips score 1.0 on both, also after an H.264 round trip (tests/test_eval_shapes.py).
+Clips of a wrapping world (make_shapes(wrap=True)) are scored with `wrap=True`: centroids are circular means on
+the torus and the motion is the sum of frame-to-frame steps taken the short way round; without it (the default)
+the computation is the linear one, so the verdicts on ordinary clips cannot change.
 ShapesEval scores a model during and after training; configs/shapes.yaml switches it on (section shapes_eval).
 """
 
@@ -18,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from minisora.data.shapes import COLORS, HELDOUT, caption, parse_caption
+from minisora.data.shapes import COLORS, HELDOUT, caption, parse_caption, torus_offset
 from minisora.io import read_clip, to_uint8_frames
 
 PALETTE_NAMES = list(COLORS)
@@ -86,19 +89,53 @@ def classify_color(frames: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) 
     return PALETTE_NAMES[int(votes.argmax())]
 
 
-def centroids(frames: np.ndarray, threshold: float = FOREGROUND_THRESHOLD, min_area: float = MIN_AREA) -> np.ndarray:
-    """Brightness-weighted foreground centroid (x, y) per frame, (T, 2); NaN for empty frames."""
+def _circular_mean(mass: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarray:
+    """Mass-weighted mean position on a circle of `extent` px, in [0, extent): the angle of the mean of
+    exp(2 pi i x / extent). mass (T, N) over positions pos (N,) -> (T,).
+
+    Moves exactly with a shape that moves (a translation turns every term by the same angle), whichever edge it
+    straddles; a linear mean of a shape split over two edges lands in the empty middle of the frame.
+    """
+    z = (mass * np.exp(2j * np.pi * pos / extent)).sum(axis=1)  # (T,)
+    return (np.angle(z) * extent / (2 * np.pi)) % extent
+
+
+def centroids(
+    frames: np.ndarray, threshold: float = FOREGROUND_THRESHOLD, min_area: float = MIN_AREA, wrap: bool = False
+) -> np.ndarray:
+    """Brightness-weighted foreground centroid (x, y) per frame, (T, 2); NaN for empty frames.
+
+    wrap: the frame is a torus (make_shapes(wrap=True)), and the centroid is the circular mean per axis.
+    """
     T, H, W, _ = frames.shape
     bright = _brightness(frames)
     weight = np.where(bright > threshold, bright, 0.0)  # (T, H, W)
     total = weight.sum(axis=(1, 2))  # (T,)
     area = (weight > 0).mean(axis=(1, 2))  # (T,)
     ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5  # pixel centres, as render_clip places shapes
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cx = (weight.sum(axis=1) * xs).sum(axis=1) / total
-        cy = (weight.sum(axis=2) * ys).sum(axis=1) / total
+    if wrap:
+        cx, cy = _circular_mean(weight.sum(axis=1), xs, W), _circular_mean(weight.sum(axis=2), ys, H)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cx = (weight.sum(axis=1) * xs).sum(axis=1) / total
+            cy = (weight.sum(axis=2) * ys).sum(axis=1) / total
     out = np.stack([cx, cy], axis=1)  # (T, 2)
     out[area < min_area] = np.nan
+    return out
+
+
+def unwrap_track(c: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centroids on a torus (T, 2) -> a continuous track: each step between consecutive non-empty frames taken
+    the short way round (into [-W/2, W/2) and [-H/2, H/2)) and summed from the first. Empty frames stay NaN.
+
+    Where no step reaches half the frame, as on a clip that never wraps, the track equals the linear centroids.
+    """
+    extent = np.array([width, height], dtype=np.float64)
+    out = np.full(c.shape, np.nan)
+    seen = np.flatnonzero(np.isfinite(c).all(axis=1))
+    if len(seen):
+        steps = torus_offset(np.diff(c[seen], axis=0), extent)  # (n - 1, 2)
+        out[seen] = c[seen[0]] + np.concatenate([np.zeros((1, 2)), np.cumsum(steps, axis=0)])
     return out
 
 
@@ -107,18 +144,23 @@ def classify_direction(
     threshold: float = FOREGROUND_THRESHOLD,
     min_area: float = MIN_AREA,
     min_displacement: float | None = None,
+    wrap: bool = False,
 ) -> tuple[str, tuple[float, float]]:
     """Direction of the centroid's motion from the first to the last frames and the (dx, dy) moved.
 
     Averages the centroid over the first and the last ~T/8 frames (at least one) so that a single
     noisy frame does not decide; 'none' when either end is empty or the displacement is below
     `min_displacement` px (default: MIN_TRAVEL of the shorter side, at least MIN_TRAVEL_PX).
+    wrap: the frame is a torus; the centroids are unwrapped into a track first (unwrap_track), so the
+    displacement is the sum of the frame-to-frame steps, each the short way round.
     """
     T, H, W, _ = frames.shape
     if min_displacement is None:
         min_displacement = max(MIN_TRAVEL_PX, MIN_TRAVEL * min(H, W))
     k = max(1, round(T / 8))
-    c = centroids(frames, threshold, min_area)
+    c = centroids(frames, threshold, min_area, wrap)
+    if wrap:
+        c = unwrap_track(c, H, W)
     start, end = c[:k], c[-k:]
     if T < 2 or np.isnan(start).all() or np.isnan(end).all():
         return "none", (0.0, 0.0)
@@ -137,8 +179,12 @@ def evaluate_clip(
     threshold: float = FOREGROUND_THRESHOLD,
     min_area: float = MIN_AREA,
     min_displacement: float | None = None,
+    wrap: bool = False,
 ) -> ClipResult:
-    """Score one clip: uint8 (T, H, W, 3), or a float (3, T, H, W) tensor in [-1, 1], against its prompt."""
+    """Score one clip: uint8 (T, H, W, 3), or a float (3, T, H, W) tensor in [-1, 1], against its prompt.
+
+    wrap: the clip shows a wrapping world (make_shapes(wrap=True)); see classify_direction.
+    """
     color, shape, direction = parse_caption(prompt)
     frames = to_uint8_frames(clip)
     bright = _brightness(frames)
@@ -147,7 +193,7 @@ def evaluate_clip(
         pred_color, (pred_direction, disp) = "none", ("none", (0.0, 0.0))
     else:
         pred_color = classify_color(frames, threshold)
-        pred_direction, disp = classify_direction(frames, threshold, min_area, min_displacement)
+        pred_direction, disp = classify_direction(frames, threshold, min_area, min_displacement, wrap)
     return ClipResult(caption(color, shape, direction), color, direction, pred_color, pred_direction, disp, foreground)
 
 
@@ -228,8 +274,13 @@ def evaluate_manifest(manifest: str | Path, **kwargs) -> ShapesReport:
     return ShapesReport(results)
 
 
-def score_pipeline(pipe, out: Path, *, samples_per_prompt: int, fps: float, seed: int = 0, **kw) -> dict:
-    """Sample every shapes prompt (train and held-out), score them, write mp4s and eval.json; return metrics."""
+def score_pipeline(
+    pipe, out: Path, *, samples_per_prompt: int, fps: float, seed: int = 0, wrap: bool = False, **kw
+) -> dict:
+    """Sample every shapes prompt (train and held-out), score them, write mp4s and eval.json; return metrics.
+
+    wrap: score as a wrapping world (evaluate_clip); `kw` goes to the pipeline.
+    """
     from minisora.data.shapes import heldout_prompts, train_prompts
     from minisora.files import slug
     from minisora.io import save_video
@@ -239,7 +290,7 @@ def score_pipeline(pipe, out: Path, *, samples_per_prompt: int, fps: float, seed
     videos: list[np.ndarray] = []
     for i in range(0, len(prompts), 64):
         videos += pipe(prompts[i : i + 64], seed=seeds[i : i + 64], **kw)
-    report = evaluate(videos, prompts)
+    report = evaluate(videos, prompts, wrap=wrap)
     out.mkdir(parents=True, exist_ok=True)
     for j, (p, v) in enumerate(zip(prompts, videos)):
         if j % samples_per_prompt == 0:
@@ -280,13 +331,14 @@ class ShapesEval(L.Callback):
         shift: float | None = None,  # the sampling grid's timestep shift; None: the training t_shift
         seed: int = 0,
         fps: float = 8,
+        wrap: bool = False,  # the data wraps around the frame: the run passes its shapes.wrap
     ):
         if samples_per_prompt < 1:
             raise ValueError(f"shapes_eval.samples_per_prompt must be >= 1, got {samples_per_prompt}")
         self.vae, self.text_encoder, self.folder = vae, text_encoder, Path(folder)
         self.every_n_steps, self.samples_per_prompt = every_n_steps, samples_per_prompt
         self.kw = dict(steps=steps, guidance=guidance, sampler=sampler, shift=shift)
-        self.seed, self.fps = seed, fps
+        self.seed, self.fps, self.wrap = seed, fps, wrap
         self.metrics: dict | None = None
         self.summary: str | None = None  # one line for the end of the run
 
@@ -300,7 +352,7 @@ class ShapesEval(L.Callback):
         step = trainer.global_step
         where = self.folder / "final" if final else self.folder / f"step-{step:06d}" / "shapes"
         m = score_pipeline(pipe, where, samples_per_prompt=self.samples_per_prompt, fps=self.fps, seed=self.seed,
-                           **self.kw)  # fmt: skip
+                           wrap=self.wrap, **self.kw)  # fmt: skip
         self.metrics = m
         pl_module.print(
             f"step {step}: shapes colour accuracy {m['train/color_accuracy']:.2f} train / "

@@ -318,7 +318,8 @@ def train_dit(cfg: DictConfig, vae) -> Path:
         from minisora.eval.shapes import ShapesEval
 
         sampling = {k: cfg.sample[k] for k in ("steps", "guidance", "sampler", "shift", "seed", "fps")}
-        callbacks.append(ShapesEval(vae=vae, text_encoder=text, folder=folder / "samples", **sampling,
+        wrap = bool(cfg.shapes.wrap) if cfg.get("shapes") is not None else False  # scored as the data was made
+        callbacks.append(ShapesEval(vae=vae, text_encoder=text, folder=folder / "samples", **sampling, wrap=wrap,
                                     **kwargs(cfg.shapes_eval)))  # fmt: skip
     if resume or cfg.get("init_from"):
         callbacks.append(finetune.StartLoss(cfg.trainer.limit_val_batches))
