@@ -40,12 +40,12 @@ def prompts(train_prompts: int | None) -> dict[str, list[str]]:
     return {"train": train, "held-out": heldout_prompts()}
 
 
-def real_clips(prompt_list: list[str], seeds: int, num_frames: int, size: int) -> list[np.ndarray]:
+def real_clips(prompt_list: list[str], seeds: int, num_frames: int, size: int, wrap: bool = False) -> list[np.ndarray]:
     """One rendered clip per (prompt, seed), its random start drawn from the seed: uint8 (T, H, W, 3) each."""
     from minisora.data.shapes import parse_caption, render_clip
 
-    return [render_clip(*parse_caption(p), size=size, num_frames=num_frames, rng=np.random.default_rng([s, i]))
-            for i, p in enumerate(prompt_list) for s in range(seeds)]  # fmt: skip
+    return [render_clip(*parse_caption(p), size=size, num_frames=num_frames, rng=np.random.default_rng([s, i]),
+                        wrap=wrap) for i, p in enumerate(prompt_list) for s in range(seeds)]  # fmt: skip
 
 
 def rate(values) -> float:
@@ -60,11 +60,12 @@ def long_videos(pipe, items: list[str], clips: list[np.ndarray], length: int, mo
     videos = []
     for i in range(0, len(items), args.batch):  # each prompt continues its own clip
         b = slice(i, i + args.batch)
-        videos += pipe(items[b], video=clips[b], extend_to=length, seed=i, steps=args.steps, condition=mode,
-                       overlap=args.overlap)  # fmt: skip
+        videos += pipe(items[b], video=clips[b], extend_to=length, seed=i, condition=mode, overlap=args.overlap,
+                       **args.sampling)  # fmt: skip
     T = pipe.defaults["num_frames"]
     new = T - context_frames(args.overlap, pipe.vae.temporal_compression)
-    results = [evaluate_long_video(v, p, start=len(c), new_per_window=new) for v, p, c in zip(videos, items, clips)]
+    results = [evaluate_long_video(v, p, start=len(c), new_per_window=new, wrap=args.wrap)
+               for v, p, c in zip(videos, items, clips)]  # fmt: skip
     return {"n": len(results), "direction every window": rate(r.directions_ok for r in results),
             "windows with the direction": rate(d == r.direction for r in results for d in r.window_directions),
             "direction visible windows": rate(r.visible_directions_ok for r in results),
@@ -80,9 +81,9 @@ def image_to_video(pipe, items: list[str], clips: list[np.ndarray], mode: str, a
     for i in range(0, len(items), args.batch):  # each prompt animates its own clip's first frame
         b = slice(i, i + args.batch)
         known = torch.cat([pipe.encode_frames(c[:1]) for c in clips[b]])  # (B, C, 1, h, w)
-        latents = pipe.sample_latents(items[b], known=known, seed=i, steps=args.steps, condition=mode)
+        latents = pipe.sample_latents(items[b], known=known, seed=i, condition=mode, **args.sampling)
         videos += pipe.decode(latents)
-    results = [evaluate_image_to_video(v, c[0], p) for v, c, p in zip(videos, clips, items)]
+    results = [evaluate_image_to_video(v, c[0], p, wrap=args.wrap) for v, c, p in zip(videos, clips, items)]
     return {"n": len(results), "colour": rate(r.color_ok for r in results),
             "direction": rate(r.direction_ok for r in results), "start within 2 px": rate(r.start_ok for r in results)}
 
@@ -93,8 +94,8 @@ def text_to_video(pipe, items: list[str], args) -> dict:
     videos = []
     for i in range(0, len(items), args.batch):
         batch = items[i : i + args.batch]
-        videos += pipe(batch, seed=list(range(i, i + len(batch))), steps=args.steps)
-    report = evaluate(videos, items)
+        videos += pipe(batch, seed=list(range(i, i + len(batch))), **args.sampling)
+    report = evaluate(videos, items, wrap=args.wrap)
     return {"n": len(items), "colour": report.color_accuracy, "direction": report.direction_accuracy}
 
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt (default 4)")
     p.add_argument("--train-prompts", type=int, default=16, help="training prompts scored (default 16 of 76)")
     p.add_argument("--all-train", action="store_true", help="score all 76 training prompts")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, as make train samples)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps, as make train samples)")
+    p.add_argument("--sampler", choices=["euler", "heun", "unipc"], help="ODE sampler (default: the run's)")
     p.add_argument("--overlap", type=int, default=2, help="latent frames of context per window (default 2)")
     p.add_argument("--batch", type=int, default=64, help="videos per progress line")
     p.add_argument("--skip", nargs="*", default=[], choices=["long", "i2v", "t2v"], help="parts to leave out")
@@ -118,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     trained = pipe.condition == "trained"
     print(f"{pipe.checkpoint}: trained with conditioning frames: {trained} (its default mode: {pipe.condition})")
     T, size = pipe.defaults["num_frames"], pipe.defaults["height"]
-    out: dict = {"ckpt": str(pipe.checkpoint), "trained_with_conditioning": trained}
+    sample = pipe.config.get("sample", {})
+    # The run's sampling settings (its grid shift is the pipeline's default), and its data's geometry: a run
+    # trained on wrapping shapes (shapes.wrap) is given wrapping clips and scored on the torus.
+    args.sampling = {"steps": args.steps or sample.get("steps", 25), "sampler": args.sampler or sample.get("sampler", "euler"),
+                     "guidance": sample.get("guidance", 4.0)}  # fmt: skip
+    args.wrap = bool((pipe.config.get("shapes") or {}).get("wrap", False))
+    print(f"sampling: {args.sampling}, grid shift {pipe.shift or pipe.t_shift}; wrapping shapes: {args.wrap}")
+    out: dict = {"ckpt": str(pipe.checkpoint), "trained_with_conditioning": trained, "wrap": args.wrap,
+                 "sampling": args.sampling}  # fmt: skip
     for split, plist in prompts(None if args.all_train else args.train_prompts).items():
         items = [q for q in plist for _ in range(args.seeds)]
-        clips = real_clips(plist, args.seeds, T, size)
+        clips = real_clips(plist, args.seeds, T, size, args.wrap)
         t0 = time.time()
         if "t2v" not in args.skip:
             out[f"t2v {split}"] = text_to_video(pipe, items, args)

@@ -50,14 +50,15 @@ LATTE_S2 = dict(hidden_size=384, depth=12, num_heads=6, patch=2, channels=4, fra
 QUICK = dict(hidden_size=48, depth=2, num_heads=2, patch=2, channels=4, frames=4, size=8, batch=2, num_classes=5)
 
 
-def build(kind: str, cfg: dict, latte_dir: str | None, attention: str) -> torch.nn.Module:
-    """VideoDiT or Latte from the same configuration dict."""
+def build(kind: str, cfg: dict, latte_dir: str | None, attention: str, checkpointing: bool = False) -> torch.nn.Module:
+    """VideoDiT or Latte from the same configuration dict (checkpointing: VideoDiT's grad_checkpointing)."""
     if kind == "minisora":
         from minisora.models.dit import VideoDiT
 
         return VideoDiT(in_channels=cfg["channels"], patch_size=[1, cfg["patch"], cfg["patch"]],
                         hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
-                        layout="factorized", condition="class", num_classes=cfg["num_classes"])  # fmt: skip
+                        layout="factorized", condition="class", num_classes=cfg["num_classes"],
+                        grad_checkpointing=checkpointing)  # fmt: skip
     latte_file = Path(latte_dir or "") / "models" / "latte.py"
     if not latte_file.is_file():
         raise FileNotFoundError(f"--latte-dir: {latte_file} not found; clone https://github.com/maxin-cn/Latte there")
@@ -91,6 +92,31 @@ def step_fn(kind: str, model: torch.nn.Module, cfg: dict):
     return minisora_loss if kind == "minisora" else latte_loss
 
 
+def matmul_floor(cfg: dict, threads: int) -> dict:
+    """Seconds per step that the step's matrix products alone need at this machine's measured fp32 GEMM rate.
+
+    Both models run the same products (q, k, v, out, the MLP, per token and block, and the attention), which are
+    almost all of the step's FLOPs: no reshaping or saving less can make a step faster than this in float32.
+    """
+    from minisora.bench.flops import dit_train_step_flops
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    model = build("minisora", cfg, None, "math")
+    flops = dit_train_step_flops(model, cfg["frames"], cfg["size"], cfg["size"], batch=cfg["batch"])
+    rows, D = cfg["batch"] * cfg["frames"] * (cfg["size"] // cfg["patch"]) ** 2, cfg["hidden_size"]
+    a, w = torch.randn(rows, D), torch.randn(4 * D, D)  # the MLP's first product, (tokens, D) x (D, 4D)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ w.T
+        times.append(time.perf_counter() - t0)
+    gflops = 2 * rows * D * 4 * D / statistics.median(times[1:]) / 1e9
+    torch.set_num_threads(old)
+    return {"flops": flops, "gflops": gflops, "seconds": flops / gflops / 1e9, "threads": threads or old}
+
+
 def child(args: argparse.Namespace) -> dict:
     """In a fresh process: prime, then build one model and time `warmup + steps` steps; peak RSS growth."""
     import ctypes
@@ -111,7 +137,7 @@ def child(args: argparse.Namespace) -> dict:
     before = rss_mb("VmRSS")
     reset_peak_rss()
     torch.manual_seed(0)
-    model = build(args._child, cfg, args.latte_dir, args.attention).train()
+    model = build(args._child, cfg, args.latte_dir, args.attention, args.checkpointing).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn, gen = step_fn(args._child, model, cfg), torch.Generator().manual_seed(0)
     wall, cpu = [], []
@@ -135,7 +161,8 @@ def run_child(kind: str, attention: str, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, "-m", "minisora.bench.latte", "--_child", kind, "--attention", attention,
                "--latte-dir", str(args.latte_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads), "--json", str(out)] + (["--quick"] if args.quick else [])  # fmt: skip
+               "--threads", str(args.threads), "--json", str(out)] + (["--quick"] if args.quick else []) + (
+               ["--checkpointing"] if args.checkpointing else [])  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         return json.loads(out.read_text())
@@ -168,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
                     "memory_ratio": mine["growth_mb_median"] / res["growth_mb_median"]}
               for key, res in results.items() if key != "minisora"}  # fmt: skip
     return {"config": QUICK if args.quick else LATTE_S2, "rounds": args.rounds, "steps": args.steps,
-            "mmap_threshold": args.mmap_threshold,
+            "mmap_threshold": args.mmap_threshold, "checkpointing": args.checkpointing,
+            "matmul_floor": matmul_floor(QUICK if args.quick else LATTE_S2, args.threads),
             "warmup": args.warmup, "results": results, "vs_latte": ratios,
             "targets": {key: {"speedup_1.5x": r["speedup_cpu"] >= 1.5, "memory_0.5x": r["memory_ratio"] <= 0.5}
                         for key, r in ratios.items()}}  # fmt: skip
@@ -188,11 +216,21 @@ def format_results(r: dict) -> str:
                      f"{', '.join(f'{s:.2f}' for s in res['cpu_s_round_medians'])} | {res['wall_s_median']:.2f} | "
                      f"{res['growth_mb_median']:.0f} ({', '.join(f'{g:.0f}' for g in res['growth_mb_rounds'])}) |")  # fmt: skip
     lines.append("")
+    f = r.get("matmul_floor")
+    if f:
+        lines.append(f"matmul floor: the step's {f['flops'] / 1e12:.3f} TFLOP of matrix products (bench/flops.py) at this "
+                     f"machine's fp32 GEMM rate ({f['gflops']:.0f} GFLOP/s on {f['threads']} thread(s), the step's "
+                     f"largest product) take {f['seconds']:.2f} s/step")  # fmt: skip
+    if r.get("checkpointing"):
+        lines.append("minisora ran with grad_checkpointing (each block's activations recomputed in backward)")
     for key, q in r["vs_latte"].items():
         t = r["targets"][key]
         lines.append(f"vs {key}: {q['speedup_cpu']:.2f}x faster (CPU s; wall {q['speedup_wall']:.2f}x) "
                      f"[target 1.5x: {'met' if t['speedup_1.5x'] else 'NOT met'}], {q['memory_ratio']:.2f}x its "
                      f"peak RSS growth [target 0.5x: {'met' if t['memory_0.5x'] else 'NOT met'}]")  # fmt: skip
+        if f:
+            need = r["results"][key]["cpu_s_median"] / 1.5
+            lines.append(f"  1.5x faster than {key} means {need:.2f} s/step: {need / f['seconds']:.2f}x the matmul floor")
     return "\n".join(lines)
 
 
@@ -207,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Latte's attention_mode(s) to compare against: flash = its SDPA path")  # fmt: skip
     p.add_argument("--mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for both models' runs (65536: RSS growth = live peak); 0: glibc default")
+    p.add_argument("--checkpointing", action="store_true", help="VideoDiT with grad_checkpointing: memory for time")
     p.add_argument("--quick", action="store_true", help="toy sizes: a smoke run in seconds")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--_child", choices=["minisora", "latte"], help=argparse.SUPPRESS)

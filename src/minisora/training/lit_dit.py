@@ -70,8 +70,8 @@ class LitVideoDiT(L.LightningModule):
         freeze: list[str] | None = None,
         text_encoder: torch.nn.Module | None = None,
         p_image: float = 0.0,  # steps' clips whose first latent frame is given clean (image-to-video)
-        p_extend: float = 0.0,  # ... whose first k latent frames are (continuation; k in extend_frames); both off
-        # by default until a full default run shows they keep text-to-video at 0.95 (docs/conditioning.md)
+        p_extend: float = 0.0,  # ... whose first k latent frames are (continuation; k in extend_frames); off here,
+        # on in configs/shapes.yaml (0.1 / 0.2), whose text-to-video kept 1.00 with them (docs/conditioning.md)
         extend_frames: list[int] | None = None,  # [lo, hi] for k; default [2, 3]
     ):
         super().__init__()
