@@ -124,7 +124,10 @@ def format_results(r: dict) -> str:
     n = r["rows"][0]["samples"] if r["rows"] else 0
     lines.append(f"({n} samples per row: {r['seeds']} seeds per prompt, guidance {r['guidance']:g}; {r['checkpoint']})")
     ref, best = r["reference"], r["best"]
-    if best is None:
+    if not any((x["sampler"], x["steps"], x["shift"]) == tuple(ref.values()) for x in r["rows"]):
+        lines.append(f"no verdict: the reference ({ref['steps']} {ref['sampler']} steps, shift {ref['shift']:g}) is not "
+                     "among these rows")
+    elif best is None:
         lines.append(f"no row is within {r['tolerance']} of {ref['steps']} {ref['sampler']} steps (shift {ref['shift']:g}) "
                      "on every measure")
     else:

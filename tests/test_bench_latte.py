@@ -9,7 +9,7 @@ from minisora.bench import latte as L
 
 def test_child_measures_a_quick_minisora_run():
     args = argparse.Namespace(_child="minisora", quick=True, latte_dir=None, attention="math", threads=0,
-                              warmup=1, steps=2, checkpointing=False)  # fmt: skip
+                              warmup=1, steps=2, checkpointing=False, recompute=True)  # fmt: skip
     r = L.child(args)
     assert r["model"] == "minisora" and len(r["wall_s"]) == len(r["cpu_s"]) == 2
     assert r["params"] > 0 and r["growth_mb"] >= 0 and all(s > 0 for s in r["wall_s"])
@@ -19,6 +19,7 @@ def test_child_measures_a_quick_minisora_run():
 def test_checkpointing_reaches_videodit_and_the_floor_is_the_step_flops_at_the_gemm_rate():
     assert L.build("minisora", L.QUICK, None, "math", checkpointing=True).grad_checkpointing
     assert not L.build("minisora", L.QUICK, None, "math").grad_checkpointing
+    assert not L.build("minisora", L.QUICK, None, "math", recompute=False).blocks[0].recompute
     f = L.matmul_floor(L.QUICK, threads=1)
     assert f["threads"] == 1 and f["gflops"] > 0 and f["seconds"] == pytest.approx(f["flops"] / f["gflops"] / 1e9)
 
@@ -39,7 +40,7 @@ def test_run_alternates_and_reports_ratios(monkeypatch):
 
     monkeypatch.setattr(L, "run_child", fake_child)
     args = argparse.Namespace(rounds=2, steps=2, warmup=1, quick=True, latte_attention=["flash"], mmap_threshold=0,
-                              checkpointing=False, threads=1)  # fmt: skip
+                              checkpointing=False, recompute=True, threads=1)  # fmt: skip
     r = L.run(args)
     assert calls == ["minisora", "latte", "latte", "minisora"]  # the order flips each round
     q = r["vs_latte"]["latte:flash"]

@@ -50,15 +50,16 @@ LATTE_S2 = dict(hidden_size=384, depth=12, num_heads=6, patch=2, channels=4, fra
 QUICK = dict(hidden_size=48, depth=2, num_heads=2, patch=2, channels=4, frames=4, size=8, batch=2, num_classes=5)
 
 
-def build(kind: str, cfg: dict, latte_dir: str | None, attention: str, checkpointing: bool = False) -> torch.nn.Module:
-    """VideoDiT or Latte from the same configuration dict (checkpointing: VideoDiT's grad_checkpointing)."""
+def build(kind: str, cfg: dict, latte_dir: str | None, attention: str, checkpointing: bool = False,
+          recompute: bool = True) -> torch.nn.Module:  # fmt: skip
+    """VideoDiT or Latte from the same configuration dict (checkpointing, recompute: VideoDiT's switches)."""
     if kind == "minisora":
         from minisora.models.dit import VideoDiT
 
         return VideoDiT(in_channels=cfg["channels"], patch_size=[1, cfg["patch"], cfg["patch"]],
                         hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
                         layout="factorized", condition="class", num_classes=cfg["num_classes"],
-                        grad_checkpointing=checkpointing)  # fmt: skip
+                        grad_checkpointing=checkpointing, recompute=recompute)  # fmt: skip
     latte_file = Path(latte_dir or "") / "models" / "latte.py"
     if not latte_file.is_file():
         raise FileNotFoundError(f"--latte-dir: {latte_file} not found; clone https://github.com/maxin-cn/Latte there")
@@ -137,7 +138,7 @@ def child(args: argparse.Namespace) -> dict:
     before = rss_mb("VmRSS")
     reset_peak_rss()
     torch.manual_seed(0)
-    model = build(args._child, cfg, args.latte_dir, args.attention, args.checkpointing).train()
+    model = build(args._child, cfg, args.latte_dir, args.attention, args.checkpointing, args.recompute).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn, gen = step_fn(args._child, model, cfg), torch.Generator().manual_seed(0)
     wall, cpu = [], []
@@ -162,7 +163,7 @@ def run_child(kind: str, attention: str, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "minisora.bench.latte", "--_child", kind, "--attention", attention,
                "--latte-dir", str(args.latte_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--json", str(out)] + (["--quick"] if args.quick else []) + (
-               ["--checkpointing"] if args.checkpointing else [])  # fmt: skip
+               ["--checkpointing"] if args.checkpointing else []) + ([] if args.recompute else ["--no-recompute"])  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         return json.loads(out.read_text())
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                     "memory_ratio": mine["growth_mb_median"] / res["growth_mb_median"]}
               for key, res in results.items() if key != "minisora"}  # fmt: skip
     return {"config": QUICK if args.quick else LATTE_S2, "rounds": args.rounds, "steps": args.steps,
-            "mmap_threshold": args.mmap_threshold, "checkpointing": args.checkpointing,
+            "mmap_threshold": args.mmap_threshold, "checkpointing": args.checkpointing, "recompute": args.recompute,
             "matmul_floor": matmul_floor(QUICK if args.quick else LATTE_S2, args.threads),
             "warmup": args.warmup, "results": results, "vs_latte": ratios,
             "targets": {key: {"speedup_1.5x": r["speedup_cpu"] >= 1.5, "memory_0.5x": r["memory_ratio"] <= 0.5}
@@ -223,6 +224,8 @@ def format_results(r: dict) -> str:
                      f"largest product) take {f['seconds']:.2f} s/step")  # fmt: skip
     if r.get("checkpointing"):
         lines.append("minisora ran with grad_checkpointing (each block's activations recomputed in backward)")
+    if r.get("recompute") is False:
+        lines.append("minisora ran with recompute=False (norms, modulation, QK-norm and RoPE saved, not redone)")
     for key, q in r["vs_latte"].items():
         t = r["targets"][key]
         lines.append(f"vs {key}: {q['speedup_cpu']:.2f}x faster (CPU s; wall {q['speedup_wall']:.2f}x) "
@@ -246,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for both models' runs (65536: RSS growth = live peak); 0: glibc default")
     p.add_argument("--checkpointing", action="store_true", help="VideoDiT with grad_checkpointing: memory for time")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                   help="VideoDiT's recompute (its default, on): redo norms and modulation in backward instead of saving")
     p.add_argument("--quick", action="store_true", help="toy sizes: a smoke run in seconds")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--_child", choices=["minisora", "latte"], help=argparse.SUPPRESS)
