@@ -10,8 +10,9 @@ leaves them out of the loss.
 """
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -345,3 +346,20 @@ def sample_scheduler(model: Callable, x: torch.Tensor, scheduler, steps: int, *,
             callback(dict(i=i, t=t, x=x, denoised=x - t * v))
         x = scheduler.step(v, timestep, x, return_dict=False)[0]
     return x
+
+
+def check_sampling(steps: int, guidance: float, sampler: str, samplers: Sequence[str]) -> None:
+    """The sampling arguments every pipeline takes: steps an int >= 1, guidance >= 1, a sampler it has."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if guidance < 1:
+        raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
+    if sampler not in samplers:
+        raise ValueError(f"sampler must be one of {', '.join(samplers)}, got {sampler!r}")
+
+
+def check_shift(shift: float | None) -> float | None:
+    """A sampling grid's shift as a float (None stays None); it must be a number > 0."""
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
+        raise ValueError(f"shift (the sampling grid's timestep shift) must be a number > 0, got {shift!r}")
+    return None if shift is None else float(shift)

@@ -27,24 +27,8 @@ from minisora.sizes import valid_size
 
 # Output pixels per VAE decode call: one 17x256x256 clip, or 64 shapes clips (17x32x32) at once.
 DECODE_PIXELS = 17 * 256 * 256
-# Heun calls the model twice per step; UniPC once, with 8 steps scoring like 25 of Euler (docs/benchmarks.md).
+# Heun calls the model twice per step, Euler and UniPC once; which scores best in few steps: docs/benchmarks.md.
 SAMPLERS = {"euler": diffusion.sample_euler, "heun": diffusion.sample_heun, "unipc": diffusion.sample_unipc}
-
-
-def check_sampling(steps: int, guidance: float, sampler: str, samplers: Sequence[str]) -> None:
-    """The sampling arguments every pipeline takes: steps an int >= 1, guidance >= 1, a sampler it has."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if guidance < 1:
-        raise ValueError(f"guidance (cfg scale) must be >= 1 (1 = no guidance), got {guidance}")
-    if sampler not in samplers:
-        raise ValueError(f"sampler must be one of {', '.join(samplers)}, got {sampler!r}")
-
-
-def _check_shift(shift: float | None) -> float | None:
-    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0):
-        raise ValueError(f"shift (the sampling grid's timestep shift) must be a number > 0, got {shift!r}")
-    return None if shift is None else float(shift)
 
 
 class TextToVideoPipeline:
@@ -80,7 +64,7 @@ class TextToVideoPipeline:
         # The sampling grid's shift (the run's sample.shift); None: the training t_shift. A model trained at shift 1
         # decides a shape's direction in the first, noisiest steps: a shift-3 grid gives those steps more of a short
         # schedule (8 UniPC steps: direction 0.93 / 0.88 at shift 1, 0.98 / 1.00 at shift 3; docs/benchmarks.md).
-        self.shift = _check_shift(shift)
+        self.shift = diffusion.check_shift(shift)
         self.defaults = dict(num_frames=num_frames, height=height, width=width)
         self.fps, self.offload = fps, offload
         self.config = config or {}  # the run config when loaded from a checkpoint
@@ -268,7 +252,7 @@ class TextToVideoPipeline:
         condition = self.condition if condition is None else condition
         if condition not in MODES:
             raise ValueError(f"condition must be one of {MODES}, got {condition!r}")
-        check_sampling(steps, guidance, sampler, sorted(SAMPLERS))
+        diffusion.check_sampling(steps, guidance, sampler, sorted(SAMPLERS))
         B = len(prompts) if prompts is not None else len(labels) if labels is not None else (num or 1)
         generators = None
         if generator is not None:
@@ -292,7 +276,7 @@ class TextToVideoPipeline:
                 raise ValueError(f"known latents {tuple(known.shape)} do not fit the sample's latents {shape} "
                                  f"(same channels and size, fewer frames)")  # fmt: skip
             guided = clean_known(guided, known.to(noise)) if condition == "trained" else keep_known(guided, known.to(noise), noise)
-        shift = next((s for s in (_check_shift(shift), self.shift, self.t_shift) if s is not None), None)
+        shift = next((s for s in (diffusion.check_shift(shift), self.shift, self.t_shift) if s is not None), None)
         if shift is None:
             shift = diffusion.resolution_shift(self.model.tokens(*shape[1:]))
         ts = diffusion.timesteps(steps, shift, device=self.device)

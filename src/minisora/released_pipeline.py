@@ -19,7 +19,7 @@ import torch
 
 from minisora import diffusion
 from minisora.device import resolve_dtype
-from minisora.pipeline import TextToVideoPipeline, check_sampling
+from minisora.pipeline import TextToVideoPipeline
 
 # diffusers pipelines' default size (WanPipeline / LTXPipeline) and the model's frame rate, when a bare folder
 # gives none
@@ -151,7 +151,7 @@ class ReleasedPipeline(TextToVideoPipeline):
         if known is not None:
             raise ValueError("keeping known frames (image-to-video, continuation) is not supported for released "
                              "models yet")  # fmt: skip
-        check_sampling(steps, guidance, sampler, list(SAMPLERS))  # a released model: its folder's scheduler or euler
+        diffusion.check_sampling(steps, guidance, sampler, list(SAMPLERS))  # a released model: its folder's scheduler or euler
         prompts = list(prompts or [])
         B = len(prompts)
         seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
