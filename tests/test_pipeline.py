@@ -232,9 +232,9 @@ def test_sampling_grid_shift_is_the_run_default_and_a_keyword(pipe, monkeypatch)
     real = diffusion.timesteps
     monkeypatch.setattr(diffusion, "timesteps", lambda steps, shift=1.0, device=None: grids.append(shift) or real(steps, shift, device))  # fmt: skip
     base = pipe.sample_latents([RED], steps=3, seed=0)
-    shifted = pipe.sample_latents([RED], steps=3, seed=0, shift=3.0)
-    assert grids == [pipe.t_shift if pipe.shift is None else pipe.shift, 3.0] and (shifted - base).abs().max() > 1e-3
-    monkeypatch.setattr(pipe, "shift", 3.0)  # what a run's sample.shift sets (from_pretrained)
+    shifted = pipe.sample_latents([RED], steps=3, seed=0, shift=7.0)  # not the run's (its t_shift)
+    assert grids == [pipe.t_shift if pipe.shift is None else pipe.shift, 7.0] and (shifted - base).abs().max() > 1e-3
+    monkeypatch.setattr(pipe, "shift", 7.0)  # what a run's sample.shift sets (from_pretrained)
     torch.testing.assert_close(pipe.sample_latents([RED], steps=3, seed=0), shifted, atol=0, rtol=0)
     with pytest.raises(ValueError, match="shift .* must be a number > 0, got 0"):
         pipe.sample_latents([RED], steps=3, shift=0)
